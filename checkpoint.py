@@ -1,0 +1,101 @@
+"""Checkpoints that survive a kill: sharded training state, and a Hugging Face export.
+
+- `save` writes model + optimizer shards with torch.distributed.checkpoint (each rank writes its
+  own shard, no gather), plus each rank's RNG state and the step, into `step_XXXXXXX.tmp/`, then
+  renames the directory and rewrites `latest` (write, then rename: a process killed mid-write
+  leaves the previous checkpoint as the one `latest` names, never a half-valid one).
+- `load` restores all of it, so a resumed run continues with the same next losses.
+- `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
+  model.load_policy reads like any Qwen2.5-Omni thinker directory.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_dir, step, model, optim, keep=2):
+    """Sharded checkpoint of model, optimizer, step and per-rank RNG; then point `latest` at it."""
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / f"step_{step:07d}", ckpt_dir / f"step_{step:07d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    torch.save({"step": step, "rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        (ckpt_dir / "latest.tmp").write_text(final.name)
+        os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
+        old = sorted(p for p in ckpt_dir.glob("step_*") if p.suffix != ".tmp")[:-keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+
+
+def latest(ckpt_dir):
+    """The directory `latest` names, or None when there is no complete checkpoint."""
+    pointer = Path(ckpt_dir) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(ckpt_dir) / pointer.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{pointer} names {path}, which does not exist: the checkpoint directory was edited by hand?")
+    return path
+
+
+def load(path, model, optim):
+    """Restore model, optimizer and this rank's RNG from `path`; returns the saved step."""
+    msd, osd = get_state_dict(model, optim)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    extra_file = Path(path) / f"extra_rank{_rank()}.pt"
+    if not extra_file.exists():
+        raise FileNotFoundError(f"{extra_file} is missing: the checkpoint was written with another number of ranks")
+    extra = torch.load(extra_file, weights_only=False)
+    set_rng_state(extra["rng"])
+    return extra["step"]
+
+
+def export(model, processor, out_dir):
+    """Full state dict gathered on rank 0 -> save_pretrained, written to a temp dir then renamed."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() == 0:
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        processor.save_pretrained(tmp)
+        if out_dir.exists():  # replace only once the new export is complete
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    _barrier()

@@ -1,0 +1,47 @@
+"""Run one rollout on the tiny thinker, alone or under torchrun with FSDP2, and save the result.
+
+    python fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
+    torchrun --nproc_per_node=2 fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as policy_lib
+import rollout
+import train
+
+tiny, world_dir, out = sys.argv[1:4]
+distributed = "RANK" in os.environ
+if distributed:
+    dist.init_process_group("gloo")
+policy, processor = policy_lib.load_policy(tiny)
+ref = policy_lib.load_policy(tiny)[0].requires_grad_(False)
+with torch.no_grad():  # a reference that differs from the policy, so the ref pass is checked
+    for p in ref.parameters():
+        p.mul_(0.9)
+if distributed:
+    train.shard(policy)
+    train.shard(ref)
+recs = [r for r in data.load_manifest(os.path.join(world_dir, "train.jsonl")) if r.get("video") and r.get("audio")][:2]
+media = data.encode(processor, recs, [data.load_media(r, 4) for r in recs])
+torch.manual_seed(7)  # every rank samples the same rows: the sharded model must match the whole one
+roll = rollout.rollout(policy, processor, recs, media, G=3, ref=ref, need_masked=True, max_new_tokens=10)
+# ragged ranks: rank r stops after 4 + 4r tokens; synced_gpus keeps the collectives in step
+rank = dist.get_rank() if distributed else 0
+with torch.no_grad():
+    inputs = rollout.expand(media, 1, rollout.encode_video(policy, media))
+with rollout.unsharded(policy):
+    ids, _, _ = rollout.generate(policy, processor, inputs, max_new_tokens=4 + 4 * rank)
+lengths = [ids.shape[1]]
+if distributed:
+    lengths = [None] * dist.get_world_size()
+    dist.all_gather_object(lengths, ids.shape[1])
+if rank == 0:
+    torch.save({"ids": roll.completion_ids, "mv": roll.mv_logp, "ma": roll.ma_logp, "ref": roll.ref_logp,
+                "lengths_differ": len(set(lengths)) > 1}, out)
+if distributed:
+    dist.destroy_process_group()

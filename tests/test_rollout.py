@@ -1,0 +1,124 @@
+"""rollout.py: sampling, scoring passes, determinism, and the 2-process FSDP2 rollout."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model as policy_lib
+import rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, synth_dir):
+    policy, processor = policy_lib.load_policy(tiny_dir)
+    recs = data.load_manifest(synth_dir / "train.jsonl")
+    # clips with both modalities around one without audio: masking audio must not matter for it,
+    # and micro-batches must take each row's own audio, not the batch's first ones
+    both = [r for r in recs if r.get("video") and r.get("audio")]
+    no_audio = next(r for r in recs if r.get("video") and not r.get("audio"))
+    batch = [both[0], no_audio, both[1]]
+    media = data.encode(processor, batch, [data.load_media(r, 4) for r in batch])
+    return policy, processor, batch, media
+
+
+def test_logprobs_equal_a_plain_forward(setup):
+    """Shared video features + LM head on completion positions only == the naive full forward."""
+    policy, processor, _, media = setup
+    G, C = 2, 7
+    ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C))  # no media tokens
+    inputs = rollout.expand(media, G, rollout.encode_video(policy, media))
+    with torch.no_grad():
+        got = rollout.logprobs(policy, inputs, ids, micro_batch=3)  # (N, C), rows split inside clips
+        plain = {k: v for k, v in media.items() if k not in ("pixel_values_videos",)}
+        plain = rollout.expand(plain, G)  # text and audio rows repeated, video re-encoded per row below
+        per_clip = media["pixel_values_videos"].chunk(3)
+        plain["pixel_values_videos"] = torch.cat([per_clip[i // G] for i in range(3 * G)])
+        plain["video_grid_thw"] = media["video_grid_thw"].repeat_interleave(G, 0)
+        plain["video_second_per_grid"] = media["video_second_per_grid"].repeat_interleave(G, 0)
+        P = plain["input_ids"].shape[1]
+        logits = policy(**{**plain, "input_ids": torch.cat([plain["input_ids"], ids], 1),
+                           "attention_mask": torch.cat([plain["attention_mask"], torch.ones_like(ids)], 1)}).logits
+        want = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_equal_generate_scores(setup):
+    """At temperature 1 the log-probs of the sampled tokens are generate's own."""
+    policy, processor, _, media = setup
+    inputs = rollout.expand(media, 2, rollout.encode_video(policy, media))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0,
+                              temperature=1.0, output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=processor.tokenizer.pad_token_id)
+        ids = out.sequences[:, inputs["input_ids"].shape[1]:]
+        scores = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        got = rollout.logprobs(policy, inputs, ids)
+    torch.testing.assert_close(got, scores, atol=1e-4, rtol=1e-4)
+
+
+def test_rollout_is_seeded_and_masks_only_what_matters(setup):
+    policy, processor, batch, media = setup
+    G = 4
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(rollout.rollout(policy, processor, batch, media, G, need_masked=True, max_new_tokens=12))
+    a, b = runs
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    torch.testing.assert_close(a.mv_logp, b.mv_logp)
+    assert len(a.texts) == 3 * G and all(isinstance(t, str) for t in a.texts)
+    with torch.no_grad():
+        full = rollout.logprobs(policy, rollout.expand(media, G, rollout.encode_video(policy, media)), a.completion_ids)
+    m, one = a.completion_mask.bool(), slice(G, 2 * G)
+    # clip 0 has audio and video: both masks change its log-probs; clip 1 has no audio
+    assert (a.mv_logp[:G] - full[:G])[m[:G]].abs().max() > 1e-4
+    assert (a.ma_logp[:G] - full[:G])[m[:G]].abs().max() > 1e-4
+    torch.testing.assert_close(a.ma_logp[one], full[one])
+    assert (a.mv_logp[one] - full[one])[m[one]].abs().max() > 1e-4
+
+
+def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
+    """A policy taught one answer stops at "</answer>"; the mask ends there and texts decode."""
+    _, processor, batch, media = setup
+    policy = policy_lib.load_policy(tiny_dir)[0]
+    tok = processor.tokenizer
+    target = tok(["<think>In the video, a smile.</think><answer>happy</answer> trailing words"] * 3,
+                 add_special_tokens=False, return_tensors="pt")["input_ids"]
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(60):  # memorise the target (and what follows it, which must be cut off)
+        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media))
+        loss = -rollout.logprobs(policy, inputs, target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media))
+    ids, mask, texts = rollout.generate(policy, processor, inputs, max_new_tokens=40, greedy=True)
+    assert all(t.endswith("</answer>") for t in texts), texts
+    assert torch.all(ids[mask == 0] == tok.pad_token_id)
+    assert tok.decode(ids[0][mask[0].bool()]) == texts[0]
+
+
+def test_fsdp_rollout_matches_single_process(tiny_dir, synth_dir, tmp_path):
+    """2 CPU ranks (gloo, FSDP2) give the single process's completions and log-probs; ranks that
+    stop at different lengths do not hang (synced_gpus)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    worker = Path(__file__).with_name("fsdp_rollout_worker.py")
+    single = tmp_path / "single.pt"
+    subprocess.run([sys.executable, str(worker), str(tiny_dir), str(synth_dir), str(single)],
+                   check=True, env=env, timeout=300)
+    multi = tmp_path / "multi.pt"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
+                    str(worker), str(tiny_dir), str(synth_dir), str(multi)], check=True, env=env, timeout=300)
+    a, b = torch.load(single), torch.load(multi)
+    assert torch.equal(a["ids"], b["ids"])
+    for k in ("mv", "ma", "ref"):
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+    assert b["lengths_differ"]  # the ragged case ran
