@@ -2,7 +2,7 @@
 
 Every clip shows one of six emotions. The face carries only *valence* (mouth curvature and brow
 angle), the voice only *arousal* (pitch, pitch movement, loudness, syllable rate), and the
-emotion is the pair (SYNTH_NOTES.md: a tiny thinker learns this world in minutes on a CPU):
+emotion is the pair (SYNTH_NOTES.md: a tiny thinker learned this core in minutes on a CPU):
 
                  low        mid        high
         smile     .          .         happy

@@ -52,7 +52,7 @@ class Args:
     seed: int = arg(0, "random seed; rank r seeds with seed + r so ranks sample different completions")
     frames: int = arg(None, "video frames per clip (CPU 4, real 8)")
     # SFT cold start
-    sft_steps: int = arg(None, "SFT optimizer steps (CPU 1500, real 1000)")
+    sft_steps: int = arg(None, "SFT optimizer steps (CPU 900, real 1000)")
     sft_batch: int = arg(None, "SFT clips per step, global over ranks (CPU 16, real 64)")
     sft_lr: float = arg(None, "SFT learning rate (CPU 1e-3, real 1e-5)")
     # OPPO
@@ -91,7 +91,7 @@ class Args:
     cache_inputs: bool = arg(None, "keep every clip's processed prompt tensors in memory (CPU on: small clips; real off)")
 
 
-CPU = dict(frames=4, sft_steps=1500, sft_batch=16, sft_lr=1e-3, steps=120, batch=4, lr=2e-5, warmup=30,
+CPU = dict(frames=4, sft_steps=900, sft_batch=16, sft_lr=1e-3, steps=120, batch=4, lr=2e-5, warmup=30,
            max_new_tokens=64, micro_batch=4, beta=0.0, gamma=0.05, eta=0.01, cache_inputs=True)
 SYNTH_DIR = "runs/synth"
 REAL = dict(frames=8, sft_steps=1000, sft_batch=64, sft_lr=1e-5, steps=500, batch=64, lr=1e-6, warmup=10,
@@ -170,6 +170,24 @@ def global_sum(*xs):
     return t.tolist()
 
 
+def blank_towers(policy, media):
+    """0 x each tower this rank's clips do not use, run on a blank one-token input. FSDP2 gathers a
+    unit when it runs and reduces its gradient only where it has one, so every rank must run every
+    tower, in one order: video before the forward, audio inside it (here: right after the video)."""
+    vc, ac, dev, zero = policy.config.vision_config, policy.config.audio_config, media["input_ids"].device, 0.0
+    if dist.get_world_size() > 1 and "pixel_values_videos" not in media:
+        m = vc.spatial_merge_size
+        px = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=dev)
+        video = policy.get_video_features(px, torch.tensor([[1, m, m]], device=dev), return_dict=True)
+        zero = zero + 0 * video.pooler_output[0].sum()
+    if dist.get_world_size() > 1 and "input_features" not in media:
+        T = 2 * ac.n_window  # one chunk of the audio tower
+        feats = policy.model.get_audio_features(torch.zeros(1, ac.num_mel_bins, T, device=dev),
+                                                torch.ones(1, T, dtype=torch.long, device=dev), return_dict=True)
+        zero = zero + 0 * feats.last_hidden_state.sum()
+    return zero
+
+
 # ---------------------------------------------------------------- the two stages
 def sft_step(args, policy, processor, recs, media, world):
     """Cold start: cross-entropy on the reference reasoning + answer (target tokens only)."""
@@ -178,8 +196,10 @@ def sft_step(args, policy, processor, recs, media, world):
               padding_side="right", return_tensors="pt")
     ids, mask = tgt["input_ids"], tgt["attention_mask"].float()  # (n, C)
     (n_tok,) = global_sum(mask.sum())
-    logp = rollout.logprobs(policy, rollout.expand(media, 1, rollout.encode_video(policy, media)), ids)  # (n, C)
-    loss = -(logp * mask).sum() / n_tok  # token-mean over the global batch
+    video = rollout.encode_video(policy, media)
+    blank = blank_towers(policy, media)
+    logp = rollout.logprobs(policy, rollout.expand(media, 1, video), ids)  # (n, C)
+    loss = -(logp * mask).sum() / n_tok + blank  # token-mean over the global batch
     (loss * world).backward()  # FSDP averages gradients over ranks; n_tok is already global
     return {"loss": loss.item() * world, "tokens": n_tok}
 
@@ -208,10 +228,11 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
     n_tok, n_seq, n_v, n_a = global_sum(mask.sum(), len(mask), e_v.sum(), e_a.sum())
     mb = args.micro_batch
     for c in range(0, len(recs), mb):
-        rows = slice(c * G, (c + mb) * G)
+        rows = slice(c * G, min(c + mb, len(recs)) * G)  # the last micro-batch may be short
         sub = media if mb >= len(recs) else data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames)
-        logp = rollout.logprobs(policy, rollout.expand(sub, G, rollout.encode_video(policy, sub)),
-                                roll.completion_ids[rows])  # (n, C), with gradient
+        video = rollout.encode_video(policy, sub)
+        blank = blank_towers(policy, sub)
+        logp = rollout.logprobs(policy, rollout.expand(sub, G, video), roll.completion_ids[rows])  # (n, C), grad
         pick = lambda x: None if x is None else x[rows]
         pg, m = oppo.policy_loss(logp, logp.detach(), pick(roll.ref_logp), adv[rows], mask[rows], beta=args.beta,
                                  eps_low=args.eps_low, eps_high=args.eps_high, agg=args.agg,
@@ -222,11 +243,11 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
                                                        e_a[rows], mask[rows], gamma=args.gamma, eta=args.eta,
                                                        clamp=args.clamp, num_evidence=(n_v, n_a), num_tokens=n_tok)
             m.update(m_op)
-        loss = oppo.total_loss(pg, op)  # Eq. (12)
+        loss = oppo.total_loss(pg, op) + blank  # Eq. (12)
         (loss * world).backward()  # FSDP averages gradients over ranks; the normalisers are global
-        m["loss"] = loss.detach()
-        for k, v in m.items():  # losses add up over micro-batches (global normalisers), the rest averages
-            w = 1.0 if k in ("loss", "pg_loss", "op_loss") else (rows.stop - rows.start) / len(mask)
+        m["loss"] = loss.detach() * world  # x world: the mean over ranks (reduce_metrics) is the global loss
+        for k, v in m.items():  # the loss adds up over micro-batches (global normalisers), the rest averages
+            w = 1.0 if k == "loss" else (rows.stop - rows.start) / len(mask)
             metrics[k] = metrics.get(k, 0.0) + float(v) * w
     t["update"] = time.perf_counter()
     metrics.update({f"rewards/{k}": float(v.mean()) for k, v in parts.items() if torch.is_tensor(v)})
@@ -271,7 +292,7 @@ def run_stage(stage, args, init, rank, world, device, matcher):
             m = oppo_step(args, policy, ref, processor, matcher, batch, media, cache, world, step)
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        finite = math.isfinite(gnorm) and math.isfinite(m["loss"])  # same verdict on every rank
+        finite = math.isfinite(gnorm) and math.isfinite(global_sum(m["loss"])[0])  # same verdict on every rank
         if finite:
             optim.step()
         optim.zero_grad(set_to_none=True)
@@ -281,7 +302,8 @@ def run_stage(stage, args, init, rank, world, device, matcher):
                   "time/step": dt, "tokens_per_s": m["tokens"] / dt})
         m.update(reduce_metrics(m, world))
         if master:
-            log.write(json.dumps(m) + "\n")
+            strict = {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+            log.write(json.dumps(strict) + "\n")  # "nan", not NaN: strict JSON
             log.flush()
             bar.set_postfix(loss=f"{m['loss']:.3f}", **({"reward": f"{m['rewards/total']:.2f}"} if stage == "oppo" else {}))
         if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
