@@ -75,9 +75,14 @@ def latest(ckpt_dir):
 def load(path, model, optim):
     """Restore model, optimizer and this rank's RNG from `path`; returns the saved step."""
     msd, osd = get_state_dict(model, optim)
+    # get_state_dict gives every parameter a blank optimizer state, but one that never had a gradient
+    # (an unused embedding, a tower no clip reached yet) has none saved: leave it without, as it was
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    osd["state"] = {k: v for k, v in osd["state"].items() if any(f"optim.state.{k}.{s}" in saved for s in v)}
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))  # strict: every trainable parameter has state
     extra_file = Path(path) / f"extra_rank{_rank()}.pt"
     if not extra_file.exists():
         raise FileNotFoundError(f"{extra_file} is missing: the checkpoint was written with another number of ranks")

@@ -59,13 +59,13 @@ class Args:
     steps: int = arg(None, "OPPO steps, one update per rollout (CPU 120, real 500)")
     batch: int = arg(None, "clips per OPPO step, global over ranks (B; CPU 4, real 64)")
     G: int = arg(8, "completions per clip (G, Eq. 5)")
-    lr: float = arg(None, "OPPO learning rate (CPU 2e-5, real 1e-6)")
+    lr: float = arg(None, "OPPO learning rate (CPU 1e-4, real 1e-6)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "gradient-norm clip")
     warmup: int = arg(None, "linear warm-up steps of each stage (CPU 30, real 10)")
     temperature: float = arg(1.0, "sampling temperature")
     top_p: float = arg(1.0, "nucleus sampling p")
-    max_new_tokens: int = arg(None, "completion cap (CPU 64, real 512)")
+    max_new_tokens: int = arg(None, "completion cap (CPU 96, real 512)")
     micro_batch: int = arg(None, "clips per forward/backward in the update (CPU 4, real 1)")
     beta: float = arg(None, "beta: weight of the k3 KL to the reference, Eq. (7); 0 drops the reference model (CPU 0.0, real 0.04)")
     eps_low: float = arg(0.2, "eps_low of the clipped surrogate, Eq. (6)")
@@ -77,8 +77,8 @@ class Args:
     w_fmt: float = arg(0.1, "w_fmt, weight of the format reward, Eq. (4)")
     w_op: float = arg(0.5, "w_op, weight of the Omni-Perception Reward, Eq. (4)")
     tau: float = arg(0.5, "tau, cue-recovery and routing threshold, Eqs. (3) and (9)")
-    gamma: float = arg(None, "gamma, weight of the masked KL in L_op, Eq. (11) (CPU 0.05, real 0.02)")
-    eta: float = arg(None, "eta, weight of the entropy term in L_op, Eq. (11) (CPU 0.01, real 0.03)")
+    gamma: float = arg(None, "gamma, weight of the masked KL in L_op, Eq. (11) (0.02; 0.2 collapsed the tiny model)")
+    eta: float = arg(None, "eta, weight of the entropy term in L_op, Eq. (11)")
     rho: float = arg(0.9, "rho, fraction of a modality's features zeroed in x\\v and x\\a (SPEC section 5)")
     clamp: float = arg(10.0, "per-token clamp of the masked divergence d, Eq. (10)")
     embedder: str = arg("", "sentence-embedding model directory for Eqs. (3)/(9); empty: all-MiniLM-L6-v2 (offline package)")
@@ -91,8 +91,8 @@ class Args:
     cache_inputs: bool = arg(None, "keep every clip's processed prompt tensors in memory (CPU on: small clips; real off)")
 
 
-CPU = dict(frames=4, sft_steps=900, sft_batch=16, sft_lr=1e-3, steps=120, batch=4, lr=2e-5, warmup=30,
-           max_new_tokens=64, micro_batch=4, beta=0.0, gamma=0.05, eta=0.01, cache_inputs=True)
+CPU = dict(frames=4, sft_steps=900, sft_batch=16, sft_lr=1e-3, steps=120, batch=4, lr=1e-4, warmup=30,
+           max_new_tokens=96, micro_batch=4, beta=0.0, gamma=0.02, eta=0.03, cache_inputs=True)
 SYNTH_DIR = "runs/synth"
 REAL = dict(frames=8, sft_steps=1000, sft_batch=64, sft_lr=1e-5, steps=500, batch=64, lr=1e-6, warmup=10,
             max_new_tokens=512, micro_batch=1, beta=0.04, gamma=0.02, eta=0.03, cache_inputs=False)
@@ -164,28 +164,46 @@ def clip_indices(n, B, step, seed, rank, world):
     return idx[rank::world]
 
 
+def load_manifest(path):
+    """data.load_manifest on rank 0, sent to the others: loads running at once on several ranks
+    race in the datasets cache folder they share (rebuilt on every load)."""
+    out = [data.load_manifest(path) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 def global_sum(*xs):
     t = torch.tensor([float(x) for x in xs], dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def blank_towers(policy, media):
-    """0 x each tower this rank's clips do not use, run on a blank one-token input. FSDP2 gathers a
-    unit when it runs and reduces its gradient only where it has one, so every rank must run every
-    tower, in one order: video before the forward, audio inside it (here: right after the video)."""
+def encode_video(policy, media):
+    """rollout.encode_video, plus a zero for the loss: 0 x each tower this rank's clips do not use,
+    run on a blank one-token input. FSDP2 gathers a unit and reduces its gradient only on the ranks
+    that run it, at the point of the graph where they run it; so under torchrun every rank runs
+    both towers, the towers are gathered up front, in one order, and the root stays gathered until
+    run_stage reshards it after the step: real video features pass through the root's forward and
+    blank ones do not, so the ranks would otherwise reach its backward gathers at different times."""
+    if dist.get_world_size() == 1:
+        return rollout.encode_video(policy, media), 0.0
     vc, ac, dev, zero = policy.config.vision_config, policy.config.audio_config, media["input_ids"].device, 0.0
-    if dist.get_world_size() > 1 and "pixel_values_videos" not in media:
+    policy.set_reshard_after_backward(False, recurse=False)
+    for tower in (policy.model.visual, policy.model.audio_tower):
+        tower.set_reshard_after_forward(False)  # rollout.unsharded sets it back to True
+        tower.unshard()
+    video = rollout.encode_video(policy, media)
+    if video is None:
         m = vc.spatial_merge_size
         px = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=dev)
-        video = policy.get_video_features(px, torch.tensor([[1, m, m]], device=dev), return_dict=True)
-        zero = zero + 0 * video.pooler_output[0].sum()
-    if dist.get_world_size() > 1 and "input_features" not in media:
+        blank = policy.get_video_features(px, torch.tensor([[1, m, m]], device=dev), return_dict=True)
+        zero = zero + 0 * blank.pooler_output[0].sum()
+    if "input_features" not in media:
         T = 2 * ac.n_window  # one chunk of the audio tower
-        feats = policy.model.get_audio_features(torch.zeros(1, ac.num_mel_bins, T, device=dev),
+        blank = policy.model.get_audio_features(torch.zeros(1, ac.num_mel_bins, T, device=dev),
                                                 torch.ones(1, T, dtype=torch.long, device=dev), return_dict=True)
-        zero = zero + 0 * feats.last_hidden_state.sum()
-    return zero
+        zero = zero + 0 * blank.last_hidden_state.sum()
+    return video, zero
 
 
 # ---------------------------------------------------------------- the two stages
@@ -196,8 +214,7 @@ def sft_step(args, policy, processor, recs, media, world):
               padding_side="right", return_tensors="pt")
     ids, mask = tgt["input_ids"], tgt["attention_mask"].float()  # (n, C)
     (n_tok,) = global_sum(mask.sum())
-    video = rollout.encode_video(policy, media)
-    blank = blank_towers(policy, media)
+    video, blank = encode_video(policy, media)  # blank: 0, see encode_video
     logp = rollout.logprobs(policy, rollout.expand(media, 1, video), ids)  # (n, C)
     loss = -(logp * mask).sum() / n_tok + blank  # token-mean over the global batch
     (loss * world).backward()  # FSDP averages gradients over ranks; n_tok is already global
@@ -230,8 +247,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
     for c in range(0, len(recs), mb):
         rows = slice(c * G, min(c + mb, len(recs)) * G)  # the last micro-batch may be short
         sub = media if mb >= len(recs) else data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames)
-        video = rollout.encode_video(policy, sub)
-        blank = blank_towers(policy, sub)
+        video, blank = encode_video(policy, sub)
         logp = rollout.logprobs(policy, rollout.expand(sub, G, video), roll.completion_ids[rows])  # (n, C), grad
         pick = lambda x: None if x is None else x[rows]
         pg, m = oppo.policy_loss(logp, logp.detach(), pick(roll.ref_logp), adv[rows], mask[rows], beta=args.beta,
@@ -252,7 +268,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
     t["update"] = time.perf_counter()
     metrics.update({f"rewards/{k}": float(v.mean()) for k, v in parts.items() if torch.is_tensor(v)})
     metrics.update({"rewards/total": float(total.mean()), "completion_length": float(mask.sum(1).mean()),
-                    "tokens": n_tok, "sample": roll.texts[0]})
+                    "tokens": n_tok, "n_visual": n_v, "n_acoustic": n_a, "sample": roll.texts[0]})
     metrics.update({f"time/{k}": t[k] - t[p] for p, k in (("start", "rollout"), ("rollout", "reward"), ("reward", "update"))})
     metrics.update({f"time/rollout_{k}": v for k, v in roll.timings.items()})
     return metrics
@@ -278,7 +294,7 @@ def run_stage(stage, args, init, rank, world, device, matcher):
         start = checkpoint.load(last, policy, optim)
         sched.last_epoch = start - 1
         sched.step()
-    recs, cache = data.load_manifest(args.data), {} if args.cache_inputs else None
+    recs, cache = load_manifest(args.data), {} if args.cache_inputs else None
     log = open(out / "log.jsonl", "a") if master and out.mkdir(parents=True, exist_ok=True) is None else None
     bar = tqdm(range(start, total_steps), desc=stage, disable=not master, initial=start, total=total_steps)
     for step in bar:
@@ -290,6 +306,8 @@ def run_stage(stage, args, init, rank, world, device, matcher):
             m = sft_step(args, policy, processor, batch, media, world)
         else:
             m = oppo_step(args, policy, ref, processor, matcher, batch, media, cache, world, step)
+        if world > 1:
+            policy.reshard()  # the root, gathered through the backward (encode_video): its sharded grads
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         finite = math.isfinite(gnorm) and math.isfinite(global_sum(m["loss"])[0])  # same verdict on every rank
@@ -309,8 +327,8 @@ def run_stage(stage, args, init, rank, world, device, matcher):
         if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(out / "ckpt", step + 1, policy, optim)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            report = evaluation.evaluate(policy, processor, limit(data.load_manifest(args.val_data), args.eval_limit),
-                                         matcher, frames=args.frames, progress=False)
+            report = evaluation.evaluate(policy, processor, limit(load_manifest(args.val_data), args.eval_limit),
+                                         matcher, frames=args.frames, max_new_tokens=args.max_new_tokens, progress=False)
             if master:
                 log.write(json.dumps({"step": step + 1, "eval": evaluation.summary(report)}) + "\n")
     checkpoint.export(policy, processor, out / "final")
@@ -337,8 +355,8 @@ def main(args):
     for stage in args.stages.split(","):
         init = run_stage(stage, args, init, rank, world, device, matcher)
     policy, processor = policy_lib.load_policy(init)
-    report = evaluation.evaluate(shard(policy, device, args.bf16, args.activation_checkpointing), processor, limit(data.load_manifest(args.test_data), args.eval_limit),
-                                 matcher, frames=args.frames)
+    report = evaluation.evaluate(shard(policy, device, args.bf16, args.activation_checkpointing), processor, limit(load_manifest(args.test_data), args.eval_limit),
+                                 matcher, frames=args.frames, max_new_tokens=args.max_new_tokens)
     if rank == 0:
         evaluation.save_report(report, Path(args.out) / "test_report.json")
         print(evaluation.table(report))

@@ -2,14 +2,17 @@
 
 Few runs, shared by the tests (module fixtures), on the tiny thinker and the session's synthetic
 world: `ref` (in-process: SFT 8 steps then OPPO 2 steps, both perception switches on), `fsdp`
-(the same arguments under torchrun with 2 processes), `resumed` (the same arguments as a
-subprocess SIGKILLed after its first checkpoint, then resumed in-process), `nan_run` (in-process
-SFT with a NaN injected into one step). In-process runs use 1 thread, like the subprocesses
-(OMP_NUM_THREADS=1), so their floating-point sums are the same and resumed losses compare exactly.
+(the same arguments under torchrun with 2 processes), `fsdp_resumed` (its step-6 checkpoint
+resumed by 2 processes), `resumed` (the same arguments as a subprocess SIGKILLed after its first
+checkpoint, then resumed in-process), `nan_run` (in-process SFT with a NaN injected into one
+step); and fsdp_train_worker.py, the gradients of batches where a rank lacks video or audio.
+In-process runs use 1 thread, like the subprocesses (OMP_NUM_THREADS=1), so their floating-point
+sums are the same and resumed losses compare exactly.
 """
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,13 +34,15 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS, OPPO_STEPS = 8, 2
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read/written in one process
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run_args(tiny_dir, synth_dir, out, **over):
     kw = dict(profile="cpu", model=str(tiny_dir), data=f"{synth_dir}/train.jsonl", val_data=f"{synth_dir}/val.jsonl",
               test_data=f"{synth_dir}/test.jsonl", out=str(out), sft_steps=SFT_STEPS, steps=OPPO_STEPS, sft_batch=4,
-              batch=2, G=2, max_new_tokens=8, eval_limit=2, sft_lr=1e-2, warmup=1, save_every=2)
+              batch=2, G=2, max_new_tokens=8, eval_limit=2, sft_lr=1e-2, warmup=1, save_every=2,
+              eval_every=SFT_STEPS)
     return {**kw, **over}
 
 
@@ -122,13 +127,41 @@ def ref(tiny_dir, synth_dir, matcher, tmp_path_factory):
     return out
 
 
+def start(*cmd):
+    """A subprocess in its own session, so that a hung torchrun goes with all its ranks."""
+    return subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout=240):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a collective mismatch hangs rather than fails
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    out = "\n".join(ln for ln in out.splitlines() if "Loading weights" not in ln and "Writing model" not in ln)
+    assert proc.returncode == 0, out[-8000:]
+
+
+def torchrun(*args):
+    return start("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args)
+
+
 @pytest.fixture(scope="module")
 def fsdp(tiny_dir, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "train.py", *cli(run_args(tiny_dir, synth_dir, out))]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    finish(torchrun("train.py", *cli(run_args(tiny_dir, synth_dir, out))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed(fsdp, tiny_dir, synth_dir, tmp_path_factory):
+    """The 2-process run's sharded checkpoint of step SFT_STEPS - 2 (kept: keep=2), resumed by 2 processes."""
+    out = tmp_path_factory.mktemp("fsdp_resumed")
+    step = f"step_{SFT_STEPS - 2:07d}"
+    shutil.copytree(fsdp / "sft" / "ckpt" / step, out / "sft" / "ckpt" / step)
+    (out / "sft" / "ckpt" / "latest").write_text(step)
+    finish(torchrun("train.py", *cli(run_args(tiny_dir, synth_dir, out, stages="sft", resume=True))))
     return out
 
 
@@ -150,23 +183,26 @@ def resumed(tiny_dir, synth_dir, matcher, tmp_path_factory):
     assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}), not by the kill:\n" + \
         (out / "stderr.txt").read_text()[-3000:]
     assert not (out / "sft" / "final").exists()
-    start = int(checkpoint.latest(ckpt).name.split("_")[1])
-    assert 2 <= start < SFT_STEPS
+    step = int(checkpoint.latest(ckpt).name.split("_")[1])
+    assert 2 <= step < SFT_STEPS
     # a save killed mid-write: a later step's .tmp with a corrupt DCP metadata file, and a pointer
     # file that never got renamed onto `latest`
-    tmp = ckpt / f"step_{start + 2:07d}.tmp"
+    tmp = ckpt / f"step_{step + 2:07d}.tmp"
     tmp.mkdir(exist_ok=True)
     (tmp / ".metadata").write_bytes(b"half a checkpoint")
     (ckpt / "latest.tmp").write_text(tmp.name)
-    assert checkpoint.latest(ckpt).name == f"step_{start:07d}"
-    before = len(read_log(out / "sft" / "log.jsonl"))
+    assert checkpoint.latest(ckpt).name == f"step_{step:07d}"
+    before = len(steps(read_log(out / "sft" / "log.jsonl")))
     run_inprocess(matcher, **kw, resume=True)
-    return out, start, before
+    return out, step, before
 
 
 # ---------------------------------------------------------------- 1. SFT and OPPO steps, logs
 def test_sft_lowers_the_loss_and_changes_the_parameters(ref, tiny_dir):
     lines = read_log(ref / "sft" / "log.jsonl")
+    evals = [ln for ln in lines if "eval" in ln]  # --eval_every: validation through eval.py
+    assert [ln["step"] for ln in evals] == [SFT_STEPS] and {"war", "uar", "U", "F"} <= evals[0]["eval"].keys()
+    lines = steps(lines)
     assert [ln["step"] for ln in lines] == list(range(1, SFT_STEPS + 1))
     for ln in lines:
         assert {"loss", "tokens", "grad_norm", "lr", "skipped", "time/step", "tokens_per_s"} <= ln.keys()
@@ -180,7 +216,7 @@ def test_sft_lowers_the_loss_and_changes_the_parameters(ref, tiny_dir):
 
 
 def test_oppo_steps_log_every_metric_and_change_the_parameters(ref):
-    lines = read_log(ref / "oppo" / "log.jsonl")
+    lines = steps(read_log(ref / "oppo" / "log.jsonl"))
     assert [ln["step"] for ln in lines] == list(range(1, OPPO_STEPS + 1))
     want = {"loss", "pg_loss", "op_loss", "kl", "kl_visual", "kl_acoustic", "entropy", "ratio_mean",
             "clip_ratio/low_mean", "clip_ratio/high_mean", "reward", "reward_std", "frac_reward_zero_std",
@@ -208,10 +244,34 @@ def test_two_fsdp_processes_give_the_one_process_sft_losses(ref, fsdp):
     for key in ("loss", "grad_norm", "tokens"):
         torch.testing.assert_close(torch.tensor([ln[key] for ln in two]), torch.tensor([ln[key] for ln in one]),
                                    rtol=1e-4, atol=1e-4, msg=key)
+    # the weights too (Adam at lr 1e-2: a wrong gradient moves a tensor by ~1e-2 a step)
+    one, two = state(ref / "sft" / "final"), state(fsdp / "sft" / "final")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-3, msg=k)
+
+
+def test_fsdp_gradients_when_a_rank_lacks_a_medium(tiny_dir, synth_dir, tmp_path):
+    """A rank whose clips have no video (or no audio) must still run that tower, or the ranks'
+    FSDP2 collectives pair up wrongly (a hang): the gradients must equal the 1-process ones."""
+    two, one = tmp_path / "two.pt", tmp_path / "one.pt"
+    worker = ROOT / "tests" / "fsdp_train_worker.py"
+    procs = [torchrun(worker, tiny_dir, synth_dir, two), start(worker, tiny_dir, synth_dir, one)]
+    for proc in procs:
+        finish(proc, timeout=200)
+    two, one = torch.load(two), torch.load(one)
+    assert set(one) == {"rank0_no_video", "rank0_no_audio", "no_video_and_no_audio"}
+    for case in one:
+        assert two[case]["loss"] == pytest.approx(one[case]["loss"], rel=1e-5)
+        g1, g2 = one[case]["grads"], two[case]["grads"]
+        assert [k for k in g1 if g1[k] is not None] == [k for k in g2 if g2[k] is not None], case
+        for k in g1:
+            if g1[k] is not None:
+                torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=f"{case}: {k}")
+    assert math.isfinite(two["oppo"]["loss"]) and math.isfinite(two["oppo"]["grad_norm"])
 
 
 def test_two_fsdp_processes_run_oppo(fsdp):
-    lines = read_log(fsdp / "oppo" / "log.jsonl")
+    lines = steps(read_log(fsdp / "oppo" / "log.jsonl"))
     assert [ln["step"] for ln in lines] == list(range(1, OPPO_STEPS + 1))
     for ln in lines:
         assert not ln["skipped"] and ln["ratio_mean"] == pytest.approx(1.0)
@@ -223,29 +283,43 @@ def test_two_fsdp_processes_run_oppo(fsdp):
 
 # ---------------------------------------------------------------- 3. kill and resume
 def test_resume_after_sigkill_continues_exactly(ref, resumed):
-    out, start, before = resumed
+    out, step, before = resumed
     new = steps(read_log(out / "sft" / "log.jsonl"))[before:]
-    assert [ln["step"] for ln in new] == list(range(start + 1, SFT_STEPS + 1))  # no lost or repeated step
-    want = steps(read_log(ref / "sft" / "log.jsonl"))[start:]
+    assert [ln["step"] for ln in new] == list(range(step + 1, SFT_STEPS + 1))  # no lost or repeated step
+    want = steps(read_log(ref / "sft" / "log.jsonl"))[step:]
     for key in ("loss", "grad_norm", "lr"):
         assert [ln[key] for ln in new] == [ln[key] for ln in want], key
     assert not changed(state(ref / "sft" / "final"), state(out / "sft" / "final"))
     # the OPPO stage after it starts from the same weights and RNG: same samples, same losses
-    oppo = [(ln["loss"], ln["sample"]) for ln in read_log(out / "oppo" / "log.jsonl")]
-    assert oppo == [(ln["loss"], ln["sample"]) for ln in read_log(ref / "oppo" / "log.jsonl")]
+    oppo = [(ln["loss"], ln["sample"]) for ln in steps(read_log(out / "oppo" / "log.jsonl"))]
+    assert oppo == [(ln["loss"], ln["sample"]) for ln in steps(read_log(ref / "oppo" / "log.jsonl"))]
+
+
+def test_two_fsdp_processes_resume_exactly(fsdp, fsdp_resumed):
+    """Sharded model and optimizer state and per-rank RNG, read back by the 2 ranks (the last step
+    has a rank without video: train.encode_video's blank tower)."""
+    new, want = steps(read_log(fsdp_resumed / "sft" / "log.jsonl")), steps(read_log(fsdp / "sft" / "log.jsonl"))
+    assert [ln["step"] for ln in new] == [SFT_STEPS - 1, SFT_STEPS]
+    assert [(ln["loss"], ln["grad_norm"]) for ln in new] == [(ln["loss"], ln["grad_norm"]) for ln in want[-2:]]
+    assert not changed(state(fsdp / "sft" / "final"), state(fsdp_resumed / "sft" / "final"))
 
 
 def test_a_killed_save_never_becomes_the_checkpoint(tmp_path, monkeypatch):
     """A kill between the shards and the rename: `latest` keeps naming the previous step, whose
-    weights load back; the next save replaces the stale .tmp, and old checkpoints are pruned."""
-    model = torch.nn.Linear(3, 2)
+    weights and optimizer state load back; the next save replaces the stale .tmp, and old
+    checkpoints are pruned. A parameter that never had a gradient has no optimizer state, before
+    and after the load."""
+    model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(2, 2)})
     optim = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.ones(1, 3)).sum().backward()
+    model["used"](torch.ones(1, 3)).sum().backward()
     optim.step()
     checkpoint.save(tmp_path, 2, model, optim)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [optim.state[p]["exp_avg"].clone() for p in model["used"].parameters()]
     with torch.no_grad():
-        model.weight.add_(1.0)
+        model["used"].weight.add_(1.0)
+    model.zero_grad(set_to_none=True)  # as a resumed run builds it
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
 
     def killed(*a):
         raise KeyboardInterrupt("killed before the rename")
@@ -257,6 +331,8 @@ def test_a_killed_save_never_becomes_the_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.latest(tmp_path) == tmp_path / "step_0000002"
     assert checkpoint.load(checkpoint.latest(tmp_path), model, optim) == 2
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert set(optim.state) == set(model["used"].parameters())
+    assert all(torch.equal(optim.state[p]["exp_avg"], m) for p, m in zip(model["used"].parameters(), moments))
     for step in (4, 6):
         checkpoint.save(tmp_path, step, model, optim)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000004", "step_0000006"]
@@ -313,7 +389,7 @@ def test_a_nan_loss_skips_the_step(nan_run):
     out, seen = nan_run
     lines = read_log(out / "sft" / "log.jsonl")  # strict JSON even with a NaN loss
     assert [ln["skipped"] for ln in lines] == [False, True, False]
-    assert lines[1]["loss"] in ("nan", None) or not math.isfinite(float(lines[1]["loss"]))
+    assert lines[1]["loss"] == "nan" and lines[1]["grad_norm"] == "nan"
     assert math.isfinite(lines[2]["loss"])
     before, after, final = seen["weights"][1], seen["weights"][2], seen["weights"][3]  # steps 2 and 3, export
     assert not changed(before, after)  # the NaN step wrote nothing
