@@ -246,7 +246,8 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
     mb = args.micro_batch
     for c in range(0, len(recs), mb):
         rows = slice(c * G, min(c + mb, len(recs)) * G)  # the last micro-batch may be short
-        sub = media if mb >= len(recs) else data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames)
+        sub = media if mb >= len(recs) else {k: v.to(mask.device) for k, v in  # the batch's device
+                                             data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames).items()}
         video, blank = encode_video(policy, sub)
         logp = rollout.logprobs(policy, rollout.expand(sub, G, video), roll.completion_ids[rows])  # (n, C), grad
         pick = lambda x: None if x is None else x[rows]
@@ -300,7 +301,7 @@ def run_stage(stage, args, init, rank, world, device, matcher):
     for step in bar:
         t0 = time.perf_counter()
         batch = [recs[i] for i in clip_indices(len(recs), B, step, args.seed, rank, world)]
-        media = data.encode(processor, batch, cache=cache, frames=args.frames)
+        media = {k: v.to(device) for k, v in data.encode(processor, batch, cache=cache, frames=args.frames).items()}
         policy.train()
         if stage == "sft":
             m = sft_step(args, policy, processor, batch, media, world)
