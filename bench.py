@@ -22,9 +22,12 @@ import torch.distributed as dist
 
 import data
 import model as policy_lib
+import parallel
+import perception_loss
 import reward
 import rollout
 import synth
+from flops import lm_shape, peak, step_flops
 
 # Qwen2.5-Omni-{7B,3B} thinkers (their config.json); the vision and audio towers are alike in both.
 REAL = {"7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -33,46 +36,9 @@ REAL = {"7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=2
                    intermediate_size=11008, vocab_size=151936)}
 VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, fullatt_block_indexes=[7, 15, 23, 31])
 AUDIO = dict(num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280)
-PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 FLOP/s, bytes/s, spec
 
 
-# ---------------------------------------------------------------- 1. model FLOPs of the language model
-def lm_flops(n_params, n_layers, d_model, trained_tokens, scored_tokens, seq_len, head_params=0, trained_rows=0,
-             scored_rows=0):
-    """Model FLOPs of the thinker's LM (PaLM, Chowdhery et al. 2022, app. B; Kaplan et al. 2020, table 1):
-        6 N + 12 L d T  per trained token (forward 2N + 4LdT, backward twice the forward)
-        2 N +  4 L d T  per scored token (a no-grad forward, or one generated token)
-        6 H,  2 H       per LM-head row trained, scored (H = vocab x d_model)
-    N = the decoder's NON-embedding parameters (lm_shape): the input embedding is a lookup and the
-    LM head sees only the rows rollout.lm_head_rows keeps, so it is counted per row. 4LdT is QK^T
-    and AV against a T-token context, non-causal as in PaLM's MFU; recomputation is not counted."""
-    attn = n_layers * d_model * seq_len
-    return ((6 * n_params + 12 * attn) * trained_tokens + (2 * n_params + 4 * attn) * scored_tokens
-            + head_params * (6 * trained_rows + 2 * scored_rows))
-
-
-def lm_shape(model):
-    """(N non-embedding, layers, d_model, LM-head parameters); global sizes under FSDP2 too."""
-    text, emb, head = model.config.text_config, model.model.language_model.embed_tokens.weight, model.lm_head.weight
-    return (policy_lib.lm_params(model) - emb.numel() - (0 if head is emb else head.numel()),
-            text.num_hidden_layers, text.hidden_size, head.numel())
-
-
-def step_flops(model, rows, prompt_tokens, completion_tokens, scoring_passes=0, generate=True):
-    """Model FLOPs of a step: `rows` sequences trained once, scored by `scoring_passes` no-grad forwards
-    (reference 1 if beta > 0, masked 2 with L_op) and, if `generate`, generated; T = the mean length."""
-    n, layers, d, head = lm_shape(model)
-    tokens, head_rows = prompt_tokens + completion_tokens, completion_tokens + rows
-    return lm_flops(n, layers, d, tokens, (scoring_passes + generate) * tokens, tokens / rows, head,
-                    head_rows, scoring_passes * head_rows + generate * completion_tokens)
-
-
-def peak(i=0):  # this CUDA device's PEAK: i=0 dense bf16 FLOP/s, 1 memory bytes/s; None if unknown
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return next((v[i] for k, v in PEAK.items() if k in name), None)
-
-
-# ---------------------------------------------------------------- 2. counts, clock, memory
+# ---------------------------------------------------------------- 1. counts, clock, memory
 def count_hooks(n, **models):
     """Hooks adding to n["update" under grad, else tag]: tower calls, clips; LM forwards, tokens; head rows."""
     def add(tag, **kv):
@@ -104,7 +70,7 @@ def timed(ctx, fn):
             **{f"{b}.{k}": v for b, c in ctx.n.items() for k, v in c.items()}}
 
 
-# ---------------------------------------------------------------- 3. setup
+# ---------------------------------------------------------------- 2. setup
 def real_config(name, tokenizer):
     """Thinker config of Qwen2.5-Omni-3B/7B's shapes around this tokenizer's special-token ids."""
     from transformers import Qwen2_5OmniThinkerConfig
@@ -118,7 +84,7 @@ def real_config(name, tokenizer):
 
 def setup(a):
     """Process group, 8-frame world and tiny thinker (built in --out when absent), reference, optimizer."""
-    import train  # here, not on top: train.py may import this file for its FLOP counter
+    import train
     if not dist.is_initialized():  # train.oppo_step sums its counts over ranks: one rank here
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     out, device = Path(a.out), "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,8 +101,8 @@ def setup(a):
         if not (out / "tiny" / "config.json").exists():
             policy_lib.build_tiny(out / "tiny", seed=0, corpus=data.corpus(recs))
         (policy, processor), ref = policy_lib.load_policy(out / "tiny"), policy_lib.load_policy(out / "tiny")[0]
-    train.shard(policy.train(), device, False, bool(a.config))  # one process: moved; a 7B also checkpointed
-    train.shard(ref.requires_grad_(False), device)
+    parallel.shard(policy.train(), device, False, bool(a.config))  # one process: moved; a 7B also checkpointed
+    parallel.shard(ref.requires_grad_(False), device)
     targs = train.Args(**{**train.CPU, "batch": a.B, "G": a.G, "max_new_tokens": a.tokens, "micro_batch": a.B,
                           "beta": a.beta, "frames": a.frames})  # the CPU profile; one micro-batch of all B clips
     optim = (torch.optim.SGD if a.config else torch.optim.AdamW)(policy.parameters(), lr=targs.lr)  # 7B: no state
@@ -154,23 +120,29 @@ def batch_for(ctx, frames):
                   for k, v in data.encode(ctx.processor, recs, frames=frames).items()}
 
 
-# ---------------------------------------------------------------- 4. one real step; A/B interleaving
-def timed_step(ctx, i, batch=None, media=None, **over):
-    """train.oppo_step, then clip and optimizer step as train.py does; `over` replaces train.Args fields."""
+# ---------------------------------------------------------------- 3. one real step; A/B interleaving
+def timed_step(ctx, i, batch=None, media=None, every_token=False, **over):
+    """train.oppo_step, then clip and optimizer step as train.py does; `over` replaces train.Args fields.
+    every_token: route every completion token to both modalities, so both masked passes score all rows."""
     targs, batch, media, m = replace(ctx.targs, **over), batch or ctx.batch, media or ctx.media, {}
     ctx.policy.generation_config.min_new_tokens = targs.max_new_tokens
+    route = perception_loss.evidence_masks
 
     def step():
-        m.update(ctx.train.oppo_step(targs, ctx.policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, None, 1, i))
+        perception_loss.evidence_masks = (lambda tok, ids, mask, sims: (mask, mask)) if every_token else route
+        try:
+            m.update(ctx.train.oppo_step(targs, ctx.policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, None, 1, i))
+        finally:
+            perception_loss.evidence_masks = route
         m["t"] = clock()
         torch.nn.utils.clip_grad_norm_(ctx.policy.parameters(), targs.grad_clip)
         ctx.optim.step()
         ctx.optim.zero_grad(set_to_none=True)
     r, N, prompt = timed(ctx, step), len(batch) * targs.G, float(media["attention_mask"].sum()) * targs.G
     r.update(step=r.pop("t"), optim=clock() - m["t"], reward=m["time/reward"], update=m["time/update"],
-             **{k: m[f"time/rollout_{k}"] for k in ("generate", "masked", "ref")}, C=r["update.head_rows"] / N - 1)
-    flops = [step_flops(ctx.policy, N, prompt, m["tokens"], (targs.beta > 0) + 2 * targs.perception_loss),
-             step_flops(ctx.policy, N, prompt, m["tokens"], 0, generate=False)]  # the step, its update alone
+             masked=m.get("time/masked", 0), masked_rows=m.get("masked_rows", 0), C=r["update.head_rows"] / N - 1,
+             **{k: m[f"time/rollout_{k}"] for k in ("generate", "ref")})
+    flops = [m["flops"], step_flops(ctx.policy, N, prompt, m["tokens"], 0, generate=False)]  # the step, its update
     r.update(scoring_over_update=(r["ref"] + r["masked"]) / r["update"], tok_per_s=m["tokens"] / r["step"],
              gflop_per_s=flops[0] / r["step"] / 1e9, update_mfu=flops[1] / r["update"] / (peak() or float("nan")),
              padding=1 - (prompt + m["tokens"]) / (N * (media["input_ids"].shape[1] + r["C"])))
@@ -200,17 +172,17 @@ def paired(runs, a, b, key="t"):  # the median over rounds of b/a, each pair mea
     return statistics.median(y[key] / x[key] for x, y in zip(runs[a], runs[b]))
 
 
-# ---------------------------------------------------------------- 5. the levers
+# ---------------------------------------------------------------- 4. the levers
 def bench_levers(ctx):
-    """PERF.md's levers, A pulled and B not, interleaved. rollout pulls all but audio_once: the thinker
-    takes no precomputed audio features, so each clip's audio is encoded for each of its G rows."""
+    """PERF.md's levers, A pulled and B not, interleaved; rollout.py pulls them all."""
     a, p, media, G, tok = ctx.a, ctx.policy, ctx.media, ctx.a.G, ctx.processor.tokenizer
-    fresh = torch.no_grad()(lambda g: rollout.expand(media, g, rollout.encode_video(p, media)))  # video once a clip
+    video, audio = (torch.no_grad()(lambda f=f: f(p, media)) for f in (rollout.encode_video, rollout.encode_audio))
+    fresh = lambda g: rollout.expand(media, g, video(), audio())  # each tower once a clip, as rollout.py does
     shared, one = fresh(G), fresh(1)
     clips = media["pixel_values_videos"].split(media["video_grid_thw"].prod(-1).tolist())
-    per_row = {**rollout.expand({k: v for k, v in media.items() if k != "pixel_values_videos"}, G),
-               "pixel_values_videos": torch.cat([c for c in clips for _ in range(G)]),  # each row re-encodes its clip
-               **{k: media[k].repeat_interleave(G, 0) for k in ("video_grid_thw", "video_second_per_grid")}}
+    per_row = lambda: {**rollout.expand({k: v for k, v in media.items() if k != "pixel_values_videos"}, G, None, audio()),
+                       "pixel_values_videos": torch.cat([c for c in clips for _ in range(G)]),  # a row, its clip
+                       **{k: media[k].repeat_interleave(G, 0) for k in ("video_grid_thw", "video_second_per_grid")}}
     ids = torch.randint(max(tok.all_special_ids) + 1, len(tok), (a.B * G, a.tokens), device=p.device)
     p.generation_config.min_new_tokens = a.lever_tokens
 
@@ -218,7 +190,8 @@ def bench_levers(ctx):
     def score(inputs, head_rows=True):  # rollout.logprobs in one forward; head_rows=False: logits everywhere
         x = {**inputs, "input_ids": torch.cat([inputs["input_ids"], ids], 1),
              "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(ids)], 1)}
-        with rollout.lm_head_rows(p, a.tokens + 1) if head_rows else contextlib.nullcontext():
+        with (rollout.lm_head_rows(p, a.tokens + 1) if head_rows else contextlib.nullcontext(),
+              rollout.audio_features(p, x.pop("audio_features", None))):
             return rollout.selective_log_softmax(p(**x).logits[:, -a.tokens - 1:-1], ids)  # (N, C)
 
     def gen(inputs, cache=True):  # cache=False: every decode step re-runs the whole sequence
@@ -227,17 +200,16 @@ def bench_levers(ctx):
             rollout.generate(p, ctx.processor, inputs, max_new_tokens=a.lever_tokens)
         finally:
             p.generation_config.use_cache = True
-    audio = torch.no_grad()(lambda x: p.model.get_audio_features(x["input_features"], x["feature_attention_mask"]))
     pairs = {"kv_cache": (lambda: gen(shared), lambda: gen(shared, False)),
              "batched_generate": (lambda: gen(shared), lambda: [gen(one) for _ in range(G)]),
-             "video_once": (lambda: score(fresh(G)), lambda: score(per_row)),
+             "video_once": (lambda: score(fresh(G)), lambda: score(per_row())),
              "lm_head_rows": (lambda: score(shared), lambda: score(shared, head_rows=False)),
-             "audio_once": (lambda: audio(media), lambda: audio(shared))}
+             "audio_once": (lambda: score(fresh(G)), lambda: score(rollout.expand(media, G, video())))}
     return {k: interleave({"A": lambda i, f=f: timed(ctx, f), "B": lambda i, g=g: timed(ctx, g)}, 1, a.reps)
             for k, (f, g) in pairs.items()}
 
 
-# ---------------------------------------------------------------- 6. command line and report
+# ---------------------------------------------------------------- 5. command line and report
 def table(title, runs, keys):
     print(f"\n{title}: medians of {len(next(iter(runs.values())))} interleaved rounds, load {os.getloadavg()[0]:.1f}"
           f"\n{'':>16}" + "".join(f"{k:>12.11}" for k in keys))
@@ -270,21 +242,22 @@ def main(argv=None):
     print(f"bench.py: B={a.B} G={a.G} tokens={a.tokens} frames={a.frames} beta={a.beta}; load {os.getloadavg()[0]:.1f},"
           f" {torch.get_num_threads()}/{os.cpu_count()} threads; {torch.cuda.get_device_name() if cuda else 'CPU'}")
     if "step" in only:  # GRPO, OPPO and OPPO with beta = 0 at one configuration
-        cfg = {"grpo": dict(perception_reward=False, perception_loss=False), "oppo": {}, "oppo_beta0": dict(beta=0.0)}
+        cfg = {"grpo": dict(perception_reward=False, perception_loss=False), "oppo": {}, "oppo_beta0": dict(beta=0.0),
+               "oppo_every_token": dict(every_token=True)}  # both masked passes on all N rows: their upper bound
         runs = res["step"] = interleave({k: lambda i, kw=kw: timed_step(ctx, i, **kw) for k, kw in cfg.items()},
                                         a.warmup, a.steps)
         table("Step phases, s", runs, ("step", "generate", "masked", "ref", "reward", "update", "optim", "peak_mb",
-                                       "tok_per_s", "gflop_per_s", "update_mfu", "decode_GBps", "decode_bw", "C"))
-        print(f"  OPPO/GRPO step {paired(runs, 'grpo', 'oppo', 'step'):.3f} (target <= 1.35); OPPO (ref + masked)/"
-              f"update {med(runs['oppo'], 'scoring_over_update'):.3f} (target <= 1); beta = 0 / beta > 0 "
-              f"{paired(runs, 'oppo', 'oppo_beta0', 'step'):.3f}; padding {med(runs['oppo'], 'padding'):.1%}")
+                                       "tok_per_s", "gflop_per_s", "update_mfu", "decode_GBps", "decode_bw", "C",
+                                       "masked_rows"))
+        for k in ("oppo", "oppo_every_token"):
+            print(f"  {k}: OPPO/GRPO step {paired(runs, 'grpo', k, 'step'):.3f} (target <= 1.35); (ref + masked)/update"
+                  f" {med(runs[k], 'scoring_over_update'):.3f} (target <= 1), masked rows {med(runs[k], 'masked_rows'):g}")
+        print(f"  beta = 0 / beta > 0 {paired(runs, 'oppo', 'oppo_beta0', 'step'):.3f}; padding "
+              f"{med(runs['oppo'], 'padding'):.1%}")
     if "levers" in only:
         res["levers"] = lev = bench_levers(ctx)
         for k, runs in lev.items():
             table(f"Lever {k}: A used, B not, B/A = {paired(runs, 'A', 'B'):.2f}", runs, ("t", "peak_mb"))
-        extra = med(lev["audio_once"]["B"], "t") - med(lev["audio_once"]["A"], "t")
-        print(f"  audio tower on every row, not once a clip: +{extra:.3g} s = "
-              f"{extra / med(lev['video_once']['A'], 't'):.1%} of a scoring pass")
     if "scaling" in only:  # one knob at a time around the default
         batches = {f: batch_for(ctx, f) for f in set(a.scale_frames) | {a.frames}}
         grid = dict.fromkeys([(g, a.tokens, a.frames) for g in a.scale_G] + [(a.G, c, a.frames) for c in

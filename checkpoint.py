@@ -8,6 +8,7 @@
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
 """
+import json
 import os
 import shutil
 from pathlib import Path
@@ -104,3 +105,16 @@ def export(model, processor, out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     _barrier()
+
+
+def trim_log(path, step):
+    """Keep the JSON lines of steps <= step: a run resumed from step `step` logs the later ones again.
+    A last line cut off by a kill goes too. Written to a temp file, then renamed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")]  # not a half-written last
+    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)

@@ -29,7 +29,8 @@ the authors' group's GRPO-on-Qwen2.5-Omni code), and what is our [choice]:
     the modality. The paper states only that the modality is masked.
  7. Masked log-probs, Eq. (10): one no-grad forward per masked input per rollout batch with
     the pre-update policy, used as constants (as PAPO does): L_op's gradient flows only
-    through the full-input log-probs.
+    through the full-input log-probs. It scores only the rows whose completions hold that
+    modality's evidence tokens (Eq. 10 reads no others), so it runs after the reward's routing.
  8. Evidence routing, Eq. (9): a clause is visual (acoustic) evidence when its best visual
     (acoustic) cue similarity exceeds tau and beats the other modality's; the emotion cues do
     not enter routing. A token is evidence when its decoded characters overlap an evidence

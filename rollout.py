@@ -3,17 +3,19 @@
 One OPPO step needs, for every sampled completion o_i of a clip x (SPEC sections 4-5):
   - the completion itself (one batched `generate` over all B x G rows, KV cache on);
   - ref_t  = log pi_ref(o_t | x, o_<t)        when beta > 0        (Eq. 7)
-  - mv_t   = log pi_old(o_t | x\\v, o_<t)     when the Omni-Perception Loss is on (Eq. 10)
+  - mv_t   = log pi_old(o_t | x\\v, o_<t)     on tokens routed to vision (Eq. 10): `masked_logprobs`
   - ma_t   = log pi_old(o_t | x\\a, o_<t)     likewise, audio masked.
 The policy's own log-probs are recomputed with gradient in the update (one update per rollout,
 so old_t = logp_t.detach() and no separate old pass is needed; PERF.md).
 
 Where the time goes with omni inputs is the long media prompt, so:
-  - the vision tower runs once per clip per pass, and its output is shared by the clip's G rows
-    (`mm_encoder_outputs`, which the Hugging Face thinker accepts). The audio tower has no such
-    entry point in the thinker, so its features are repeated G times and re-encoded per row:
-    bench.py measures what that costs;
+  - each tower runs once per clip per pass, and its output is shared by the clip's G rows: video
+    through the thinker's `mm_encoder_outputs`; audio, for which the thinker has no such entry,
+    through a hook that writes the clip's features into the audio positions of the token
+    embeddings (`audio_features`), as the thinker's own forward would;
   - the LM head sees only completion positions (`lm_head_rows`), never the prompt;
+  - the masked passes score only the rows whose completions claim that modality's evidence
+    (Eq. 10 reads them nowhere else), after the reward has routed the tokens;
   - under FSDP2 the parameters stay unsharded for the whole rollout (`unsharded`), instead of
     all-gathering every layer at every decode step.
 """
@@ -40,10 +42,10 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the stop token
     texts: list              # N decoded completions (skip_special_tokens=True)
     G: int
+    video: BaseModelOutputWithPooling | None = None  # the B clips' vision-tower output (no grad)
+    audio: tuple | None = None            # the B clips' audio-tower output, one (tokens_k, D) per audio
     ref_logp: torch.Tensor | None = None  # (N, C)
-    mv_logp: torch.Tensor | None = None   # (N, C) video masked
-    ma_logp: torch.Tensor | None = None   # (N, C) audio masked
-    timings: dict | None = None           # seconds per phase: generate, masked, ref
+    timings: dict | None = None           # seconds per phase: generate, ref
 
 
 # ---------------------------------------------------------------- inputs for the N = B x G rows
@@ -54,18 +56,32 @@ def encode_video(model, batch):
     return model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"], return_dict=True)
 
 
-def expand(batch, G, video=None):
-    """Forward kwargs for B clips x G rows: text and audio rows repeated, video features shared.
+def encode_audio(model, batch):
+    """Audio tower once over the batch's clips: one (tokens_k, D) tensor per audio; None without audio."""
+    if "input_features" not in batch:
+        return None
+    feats = model.get_audio_features(batch["input_features"], batch["feature_attention_mask"], return_dict=True)
+    n = (batch["input_ids"] == model.config.audio_token_id).sum(1)  # (B,) audio tokens of each clip
+    return feats.last_hidden_state.split(n[n > 0].tolist())
+
+
+def expand(batch, G, video=None, audio=None):
+    """Forward kwargs for B clips x G rows: text rows repeated, media features shared.
 
     Each clip holds at most one video and one audio, in record order, so repeating every
-    per-clip item G times in place keeps rows and media aligned.
+    per-clip item G times in place keeps rows and media aligned. Without `audio` the mel features
+    are repeated and the thinker encodes them once per row (the plain path, which the tests
+    check the shared one against).
     """
     rep = lambda t: t.repeat_interleave(G, dim=0)
     out = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
            "use_audio_in_video": False}
     if "input_features" in batch:
-        out["input_features"] = rep(batch["input_features"])
-        out["feature_attention_mask"] = rep(batch["feature_attention_mask"])
+        out["feature_attention_mask"] = rep(batch["feature_attention_mask"])  # audio lengths: rope positions
+        if audio is None:
+            out["input_features"] = rep(batch["input_features"])
+        else:
+            out["audio_features"] = tuple(a for a in audio for _ in range(G))  # see `audio_features`
     if video is not None:
         per_clip = video.pooler_output  # tuple of (tokens_k, D), one per video
         out["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(
@@ -73,6 +89,55 @@ def expand(batch, G, video=None):
         out["video_grid_thw"] = rep(batch["video_grid_thw"])
         out["video_second_per_grid"] = rep(batch["video_second_per_grid"])
     return out
+
+
+MEDIUM = {"video_grid_thw": "video", "video_second_per_grid": "video", "mm_encoder_outputs": "video",
+          "input_features": "audio", "feature_attention_mask": "audio", "audio_features": "audio"}
+
+
+def select(model, inputs, idx):
+    """Rows idx (a LongTensor) of the expanded inputs. Media entries exist only for the rows *that
+    have* that medium, so a row's entry is its rank among those rows."""
+    ids, out = inputs["input_ids"], {}
+    pos = {}
+    for medium, token in (("video", model.config.video_token_id), ("audio", model.config.audio_token_id)):
+        has = (ids == token).any(1)  # (N,)
+        pos[medium] = ((has.cumsum(0) - 1)[idx][has[idx]]).tolist()
+    for k, v in inputs.items():
+        if k not in MEDIUM:
+            out[k] = v[idx] if torch.is_tensor(v) else v
+        elif pos[MEDIUM[k]]:  # else none of these rows has the medium
+            j = pos[MEDIUM[k]]
+            out[k] = ({"video": BaseModelOutputWithPooling(pooler_output=tuple(v["video"].pooler_output[i] for i in j))}
+                      if k == "mm_encoder_outputs" else tuple(v[i] for i in j) if k == "audio_features" else v[j])
+    return out
+
+
+@contextmanager
+def audio_features(model, feats):
+    """Write precomputed audio-tower outputs into the <|AUDIO|> positions of the token embeddings.
+
+    This is what the thinker's forward does with `input_features`, minus the tower: a clip's audio
+    is encoded once and shared by its G rows. `feats` holds one (tokens_k, D) tensor per row with
+    audio, in row order (None: a no-op). Decode steps of generate carry no audio token.
+    """
+    if feats is None:
+        yield
+        return
+    src = torch.cat(feats)  # (audio tokens of all rows, D)
+
+    def hook(module, args, out):
+        where = args[0] == model.config.audio_token_id  # (n, S)
+        if not where.any():
+            return out
+        if int(where.sum()) != len(src):
+            raise ValueError(f"{int(where.sum())} audio positions but {len(src)} audio features")
+        return out.masked_scatter(where.unsqueeze(-1), src.to(out.dtype))
+    handle = model.get_input_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- scoring: log pi(o_t | x, o_<t)
@@ -110,34 +175,13 @@ def logprobs(model, inputs, completion_ids, micro_batch=None):
     mb = micro_batch or N
     out = []
     for s in range(0, N, mb):
-        rows = _rows(model, inputs, s, s + mb)
+        rows = select(model, inputs, torch.arange(s, min(s + mb, N)))
         ids = torch.cat([rows["input_ids"], completion_ids[s:s + mb]], 1)  # (n, P + C)
         att = torch.cat([rows["attention_mask"], torch.ones_like(completion_ids[s:s + mb])], 1)
-        with lm_head_rows(model, C + 1):
+        with lm_head_rows(model, C + 1), audio_features(model, rows.pop("audio_features", None)):
             logits = model(**{**rows, "input_ids": ids, "attention_mask": att}).logits[:, :-1]  # (n, C, V)
         out.append(selective_log_softmax(logits, completion_ids[s:s + mb]))
     return torch.cat(out)  # (N, C)
-
-
-def _rows(model, inputs, s, e):
-    """Rows s:e of the expanded inputs. Media tensors hold one entry per row *that has* that
-    medium, so they are sliced by the media of the rows before s and before e."""
-    ids = inputs["input_ids"]
-    has = {"video": (ids == model.config.video_token_id).any(1), "audio": (ids == model.config.audio_token_id).any(1)}
-    span = {m: slice(int(h[:s].sum()), int(h[:e].sum())) for m, h in has.items()}
-    medium = {"video_grid_thw": "video", "video_second_per_grid": "video", "input_features": "audio",
-              "feature_attention_mask": "audio", "mm_encoder_outputs": "video"}
-    rows = {}
-    for k, v in inputs.items():
-        if k in medium and span[medium[k]].start == span[medium[k]].stop:
-            continue  # none of these rows has the medium
-        if k == "mm_encoder_outputs":
-            rows[k] = {"video": BaseModelOutputWithPooling(pooler_output=v["video"].pooler_output[span["video"]])}
-        elif k in medium:
-            rows[k] = v[span[medium[k]]]
-        else:
-            rows[k] = v[s:e] if torch.is_tensor(v) else v
-    return rows
 
 
 # ---------------------------------------------------------------- FSDP2: unshard for the rollout
@@ -170,7 +214,8 @@ def generate(model, processor, inputs, temperature=1.0, top_p=1.0, max_new_token
     # a sampled media placeholder would be taken for a video/audio slot by every later forward
     media_ids = [tok.convert_tokens_to_ids(t) for t in MEDIA_TOKENS]
     synced = dist.is_initialized() and dist.get_world_size() > 1  # ranks must step together
-    with lm_head_rows(model, 1):
+    inputs = dict(inputs)
+    with lm_head_rows(model, 1), audio_features(model, inputs.pop("audio_features", None)):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
                              temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
                              top_k=0 if not greedy else None, stop_strings=[STOP], tokenizer=tok,
@@ -188,29 +233,47 @@ def generate(model, processor, inputs, temperature=1.0, top_p=1.0, max_new_token
 
 
 @torch.no_grad()
-def rollout(policy, processor, records, media, G, ref=None, need_masked=False, rho=0.9, seed=0,
-            temperature=1.0, top_p=1.0, max_new_tokens=64, micro_batch=None):
-    """Sample G completions for each of the B clips in `media` and score them (see module doc).
+def rollout(policy, processor, records, media, G, ref=None, temperature=1.0, top_p=1.0, max_new_tokens=64,
+            micro_batch=None):
+    """Sample G completions for each of the B clips in `media`; score them under pi_ref.
 
     `media` is data.encode(processor, records) for the B clips; `ref` the frozen reference policy
-    (None when beta = 0: no reference forward at all).
+    (None when beta = 0: no reference forward at all). The masked passes come later
+    (`masked_logprobs`): they need the reward's routing of tokens to modalities.
     """
     t0 = time.perf_counter()
     with unsharded(policy):
-        video = encode_video(policy, media)
-        inputs = expand(media, G, video)
+        video, audio = encode_video(policy, media), encode_audio(policy, media)
+        inputs = expand(media, G, video, audio)
         ids, mask, texts = generate(policy, processor, inputs, temperature, top_p, max_new_tokens)
-        roll = Rollout(records=[r for r in records for _ in range(G)], inputs=inputs, media=media,
-                       completion_ids=ids, completion_mask=mask, texts=texts, G=G)
-        t1 = time.perf_counter()
-        if need_masked:  # Eq. (10): pi_old under x\v and x\a, same layout and positions as x
-            no_v = data.mask_modality(media, "video", rho=rho, seed=seed)
-            no_a = data.mask_modality(media, "audio", rho=rho, seed=seed)
-            roll.mv_logp = logprobs(policy, expand(no_v, G, encode_video(policy, no_v)), ids, micro_batch)
-            roll.ma_logp = logprobs(policy, expand(no_a, G, video), ids, micro_batch)  # video unchanged
-    t2 = time.perf_counter()
+    roll = Rollout(records=[r for r in records for _ in range(G)], inputs=inputs, media=media, completion_ids=ids,
+                   completion_mask=mask, texts=texts, G=G, video=video, audio=audio)
+    t1 = time.perf_counter()
     if ref is not None:  # Eq. (7)
         with unsharded(ref):
-            roll.ref_logp = logprobs(ref, expand(media, G, encode_video(ref, media)), ids, micro_batch)
-    roll.timings = {"generate": t1 - t0, "masked": t2 - t1, "ref": time.perf_counter() - t2}
+            roll.ref_logp = logprobs(ref, expand(media, G, encode_video(ref, media), encode_audio(ref, media)),
+                                     ids, micro_batch)
+    roll.timings = {"generate": t1 - t0, "ref": time.perf_counter() - t1}
     return roll
+
+
+@torch.no_grad()
+def masked_logprobs(policy, roll, need_v, need_a, rho=0.9, seed=0, micro_batch=None):
+    """pi_old(o_t | x\\v, o_<t) and pi_old(o_t | x\\a, o_<t), Eq. (10), (N, C) each.
+
+    Only the rows flagged in need_v / need_a (N,) are scored, with the pre-update policy; the
+    others are 0, and Eq. (10) never reads them (their evidence masks are 0). x\\m keeps the
+    layout and positions of x; the other modality's features are the rollout's own.
+    """
+    no_v = data.mask_modality(roll.media, "video", rho=rho, seed=seed)
+    no_a = data.mask_modality(roll.media, "audio", rho=rho, seed=seed)
+    out = []
+    with unsharded(policy):
+        for need, inputs in ((need_v, lambda: expand(no_v, roll.G, encode_video(policy, no_v), roll.audio)),
+                             (need_a, lambda: expand(no_a, roll.G, roll.video, encode_audio(policy, no_a)))):
+            logp = torch.zeros(roll.completion_ids.shape, device=roll.completion_ids.device)  # (N, C)
+            idx = need.nonzero().squeeze(1)
+            if len(idx):
+                logp[idx] = logprobs(policy, select(policy, inputs(), idx), roll.completion_ids[idx], micro_batch)
+            out.append(logp)
+    return tuple(out)

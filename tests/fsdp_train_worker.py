@@ -3,7 +3,7 @@
     python fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt                          # 1 process, whole batches
     torchrun --nproc_per_node=2 fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt    # rank r takes clips r::2
 
-Under FSDP2 every rank must run every unit (train.encode_video); this saves, per batch, the full
+Under FSDP2 every rank must run every unit (parallel.encode_media); this saves, per batch, the full
 gradient of every parameter, which must equal the 1-process gradient of the same global batch.
 Under torchrun it then runs one OPPO step (plain GRPO, micro-batches of one clip) on such clips.
 """
@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 import data
 import model as policy_lib
+import parallel
 import train
 
 tiny, world_dir, out = sys.argv[1:4]
@@ -24,8 +25,8 @@ else:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 rank, world = dist.get_rank(), dist.get_world_size()
 policy, processor = policy_lib.load_policy(tiny)
-train.shard(policy)
-recs = train.load_manifest(os.path.join(world_dir, "train.jsonl"))  # not on both ranks at once
+parallel.shard(policy)
+recs = parallel.load_manifest(os.path.join(world_dir, "train.jsonl"))  # not on both ranks at once
 kind = {k: [r for r in recs if ("video" in r, "audio" in r) == k] for k in ((True, True), (False, True), (True, False))}
 both, no_video, no_audio = kind[(True, True)], kind[(False, True)], kind[(True, False)]
 # global batches of 4, rank r gets clips r::2: (rank 0's clips, rank 1's clips)
@@ -39,7 +40,7 @@ for name, (r0, r1) in cases.items():
         policy.reshard()  # as train.run_stage: the root's parameters are the sharded ones again
     full = {n: None if p.grad is None else p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone()
             for n, p in policy.named_parameters()}
-    grads[name] = {"loss": train.global_sum(m["loss"])[0] / world, "grads": full}
+    grads[name] = {"loss": parallel.global_sum(m["loss"])[0] / world, "grads": full}
     policy.zero_grad(set_to_none=True)
 if world > 1:  # OPPO: the rollout, then micro-batches of one clip with and without each medium
     args = train.Args(profile="cpu", G=2, max_new_tokens=6, micro_batch=1, perception_reward=False,
@@ -50,7 +51,7 @@ if world > 1:  # OPPO: the rollout, then micro-batches of one clip with and with
     m = train.oppo_step(args, policy, None, processor, None, batch, data.encode(processor, batch, frames=4), {}, world, 0)
     policy.reshard()
     gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-    grads["oppo"] = {"loss": train.global_sum(m["loss"])[0] / world, "grad_norm": float(gnorm.full_tensor())}
+    grads["oppo"] = {"loss": parallel.global_sum(m["loss"])[0] / world, "grad_norm": float(gnorm.full_tensor())}
 if rank == 0:
     torch.save(grads, out)
 dist.barrier()

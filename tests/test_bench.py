@@ -1,5 +1,5 @@
 """bench.py at a toy size: every count of a GRPO and an OPPO step and of the levers against the
-formula written out here; the FLOP counter against its formula; the 3B/7B shapes; and the FSDP2
+formula written out here; the FLOP counter (flops.py) against its formula; the 3B/7B shapes; and the FSDP2
 lever (2 gloo ranks): generate gathers each unit once inside rollout.unsharded, per forward without.
 
 Run as a script under torchrun, this file is that 2-rank worker and prints its timings:
@@ -21,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402
 import data  # noqa: E402
+import flops  # noqa: E402
 import model as policy_lib  # noqa: E402
 import rollout  # noqa: E402
 
@@ -46,21 +47,23 @@ def run(tmp_path_factory, tiny_dir):
 
 
 def test_step_counts(run):
-    """Video is encoded once a clip per pass (B clips, not B*G); audio once a row; the LM head sees
-    completion positions only (C + 1 a row), one LM forward per scoring pass, C in generate."""
+    """Each tower runs once a clip per pass (B clips, not B*G); the LM head sees completion positions
+    only (C + 1 a row), one LM forward per scoring pass, C in generate. The masked passes score the
+    rows with evidence: none from a random thinker (no reasoning), all N when every token is routed."""
     _, res, P = run
     N = B * G
     for name, r in ((k, rs[0]) for k, rs in res["step"].items()):
         assert r["C"] == C and all(r[k] > 0 for k in ("step", "generate", "update", "peak_mb")), name
-        masked = name != "grpo"  # two more no-grad passes: x\v (video re-encoded) and x\a (video shared)
+        masked = name == "oppo_every_token"  # x\v (video re-encoded, audio shared), x\a (the other way round)
+        assert r["masked_rows"] == 2 * N * masked, name
         want = {"policy.vision_calls": 1 + masked, "policy.vision_clips": B * (1 + masked),
-                "policy.audio_clips": N * (1 + 2 * masked), "policy.lm_calls": C + 2 * masked,
-                "policy.lm_tokens": N * P + N * (C - 1) + 2 * masked * N * (P + C),
+                "policy.audio_calls": 1 + masked, "policy.audio_clips": B * (1 + masked),
+                "policy.lm_calls": C + 2 * masked, "policy.lm_tokens": N * P + N * (C - 1) + 2 * masked * N * (P + C),
                 "policy.head_rows": N * C + 2 * masked * N * (C + 1),
-                "update.vision_clips": B, "update.audio_clips": N, "update.lm_calls": 1,
+                "update.vision_clips": B, "update.audio_clips": B, "update.lm_calls": 1,
                 "update.lm_tokens": N * (P + C), "update.head_rows": N * (C + 1)}
         if name != "oppo_beta0":
-            want.update({"ref.vision_clips": B, "ref.audio_clips": N, "ref.lm_calls": 1, "ref.head_rows": N * (C + 1)})
+            want.update({"ref.vision_clips": B, "ref.audio_clips": B, "ref.lm_calls": 1, "ref.head_rows": N * (C + 1)})
         assert {k: r.get(k) for k in want} == want, name
         assert name != "oppo_beta0" or not any(k.startswith("ref.") for k in r)  # beta = 0: no reference forward
 
@@ -74,7 +77,7 @@ def test_lever_counts(run):
         N * (C + 1), N * (P + C))
     assert lev["kv_cache"]["A"]["policy.lm_tokens"] == N * P + N * (T - 1)  # the prompt once, then a token a step
     assert lev["kv_cache"]["B"]["policy.lm_tokens"] == sum(N * (P + t) for t in range(T))  # no cache: all again
-    assert (lev["kv_cache"]["A"]["policy.audio_calls"], lev["kv_cache"]["B"]["policy.audio_calls"]) == (1, T)
+    assert "policy.audio_calls" not in lev["kv_cache"]["B"]  # the shared audio features: no tower in generate
     calls = [lev["batched_generate"][ab]["policy.lm_calls"] for ab in "AB"]
     assert calls == [T, G * T]  # one batched generate vs G calls of B rows
     assert (lev["audio_once"]["A"]["policy.audio_clips"], lev["audio_once"]["B"]["policy.audio_clips"]) == (B, N)
@@ -83,7 +86,7 @@ def test_lever_counts(run):
 def test_lm_flops_is_the_formula():
     n, L, d, Tt, Ts, S, H, rt, rs = 1000, 3, 16, 10, 20, 40, 500, 4, 6
     want = 6 * n * Tt + 12 * L * d * S * Tt + 2 * n * Ts + 4 * L * d * S * Ts + 6 * H * rt + 2 * H * rs
-    assert bench.lm_flops(n, L, d, Tt, Ts, S, H, rt, rs) == want
+    assert flops.lm_flops(n, L, d, Tt, Ts, S, H, rt, rs) == want
 
 
 def test_step_flops_and_shapes(tiny_dir):
@@ -92,11 +95,11 @@ def test_step_flops_and_shapes(tiny_dir):
     n = sum(p.numel() for p in lm.layers.parameters()) + sum(p.numel() for p in lm.norm.parameters())
     text, H = model.config.text_config, model.lm_head.weight.numel()
     d, L = text.hidden_size, text.num_hidden_layers
-    assert bench.lm_shape(model) == (n, L, d, H)
+    assert flops.lm_shape(model) == (n, L, d, H)
     rows, prompt, comp = 8, 800, 160  # T = 120: train once, 3 scoring passes + generate
     want = ((6 * n + 12 * L * d * 120) * 960 + (2 * n + 4 * L * d * 120) * 4 * 960
             + 6 * H * (comp + rows) + 2 * H * (3 * (comp + rows) + comp))
-    assert bench.step_flops(model, rows, prompt, comp, 3) == pytest.approx(want)
+    assert flops.step_flops(model, rows, prompt, comp, 3) == pytest.approx(want)
 
 
 @pytest.mark.parametrize("name, layers, d, kv, ff, vocab", [("7b", 28, 3584, 4, 18944, 152064),
@@ -108,7 +111,7 @@ def test_real_shapes(tiny_dir, name, layers, d, kv, ff, vocab):
         model = Qwen2_5OmniThinkerForConditionalGeneration(bench.real_config(name, tok))
     kv_dim = kv * 128
     layer = (d * d + d) + 2 * (d * kv_dim + kv_dim) + d * d + 3 * d * ff + 2 * d  # q, k, v (biased), o, MLP, norms
-    assert bench.lm_shape(model) == (layers * layer + d, layers, d, vocab * d)
+    assert flops.lm_shape(model) == (layers * layer + d, layers, d, vocab * d)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
@@ -119,7 +122,7 @@ def test_real_config_refuses_without_gpu():
 
 def test_fsdp_unsharded_gathers_once(run):
     """FSDP2 units: 2 decoder layers, vision, audio, root. Generating T tokens re-gathers the layers
-    and the root at every forward (and the audio tower at the prefill) unless rollout.unsharded."""
+    and the root at every forward unless rollout.unsharded (the towers ran before: features shared)."""
     out = run[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
@@ -127,18 +130,18 @@ def test_fsdp_unsharded_gathers_once(run):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert (res["per_forward"]["gathers"], res["unsharded"]["gathers"]) == ((2 + 1) * T + 1, 5)
+    assert (res["per_forward"]["gathers"], res["unsharded"]["gathers"]) == ((2 + 1) * T, 5)
     print(f"\nFSDP2 generate (2 gloo ranks, B={B} G={G}, {T} tokens): {res}")
 
 
 def fsdp_worker(out, b, g, tokens):
     """Rank r of 2: median seconds and parameter all-gathers of generate with and without unsharded."""
     import data
-    import train
+    import parallel
     dist.init_process_group("gloo")
     torch.set_num_threads(1)  # one core each
     policy, processor = policy_lib.load_policy(Path(out) / "tiny")
-    train.shard(policy)  # FSDP2 units: each decoder layer, the vision tower, the audio tower, the root
+    parallel.shard(policy)  # FSDP2 units: each decoder layer, the vision tower, the audio tower, the root
     recs = [r for r in data.load_manifest(Path(out) / "synth" / "train.jsonl") if r.get("video") and r.get("audio")]
     media = data.encode(processor, recs[:b], frames=4)
     ctx, gather = argparse.Namespace(n=defaultdict(Counter)), dist.all_gather_into_tensor
@@ -146,7 +149,7 @@ def fsdp_worker(out, b, g, tokens):
     dist.all_gather_into_tensor = lambda *x, **kw: ctx.n["fsdp"].update(gathers=1) or gather(*x, **kw)  # FSDP2's
     policy.generation_config.min_new_tokens = tokens
     with torch.no_grad():
-        inputs = rollout.expand(media, g, rollout.encode_video(policy, media))
+        inputs = rollout.expand(media, g, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
 
     def gen(unshard):
         with rollout.unsharded(policy) if unshard else torch.no_grad():

@@ -27,12 +27,20 @@ def setup(tiny_dir, synth_dir):
     return policy, processor, batch, media
 
 
+def shared(policy, media, G):
+    """rollout.py's inputs: each tower once per clip, its features shared by the clip's G rows."""
+    with torch.no_grad():
+        return rollout.expand(media, G, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
+
+
 def test_logprobs_equal_a_plain_forward(setup):
-    """Shared video features + LM head on completion positions only == the naive full forward."""
+    """Shared video and audio features + LM head on completion positions only == the naive full
+    forward, where the thinker encodes each row's video and audio itself."""
     policy, processor, _, media = setup
     G, C = 2, 7
     ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C))  # no media tokens
-    inputs = rollout.expand(media, G, rollout.encode_video(policy, media))
+    inputs = shared(policy, media, G)
+    assert "input_features" not in inputs and len(inputs["audio_features"]) == 2 * G  # 2 clips with audio
     with torch.no_grad():
         got = rollout.logprobs(policy, inputs, ids, micro_batch=3)  # (N, C), rows split inside clips
         plain = {k: v for k, v in media.items() if k not in ("pixel_values_videos",)}
@@ -48,10 +56,30 @@ def test_logprobs_equal_a_plain_forward(setup):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_with_shared_audio_equals_per_row_audio(setup):
+    policy, processor, _, media = setup
+    runs = []
+    for inputs in (shared(policy, media, 3), rollout.expand(media, 3, rollout.encode_video(policy, media))):
+        torch.manual_seed(5)
+        runs.append(rollout.generate(policy, processor, inputs, max_new_tokens=10))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][2] == runs[1][2]
+
+
+def test_select_takes_each_rows_own_media(setup):
+    policy, processor, _, media = setup
+    G, idx = 3, torch.tensor([1, 3, 4, 8])  # clip 0, clip 1 (no audio) twice, clip 2
+    inputs = shared(policy, media, G)
+    ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, 5))
+    with torch.no_grad():
+        whole = rollout.logprobs(policy, inputs, ids)
+        some = rollout.logprobs(policy, rollout.select(policy, inputs, idx), ids[idx])
+    torch.testing.assert_close(some, whole[idx], atol=1e-6, rtol=1e-6)
+
+
 def test_logprobs_equal_generate_scores(setup):
     """At temperature 1 the log-probs of the sampled tokens are generate's own."""
     policy, processor, _, media = setup
-    inputs = rollout.expand(media, 2, rollout.encode_video(policy, media))
+    inputs = rollout.expand(media, 2, rollout.encode_video(policy, media))  # audio encoded in the forward
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0,
@@ -65,23 +93,28 @@ def test_logprobs_equal_generate_scores(setup):
 
 def test_rollout_is_seeded_and_masks_only_what_matters(setup):
     policy, processor, batch, media = setup
-    G = 4
+    G, every = 4, torch.ones(12, dtype=torch.bool)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
-        runs.append(rollout.rollout(policy, processor, batch, media, G, need_masked=True, max_new_tokens=12))
+        runs.append(rollout.rollout(policy, processor, batch, media, G, max_new_tokens=12))
     a, b = runs
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
-    torch.testing.assert_close(a.mv_logp, b.mv_logp)
     assert len(a.texts) == 3 * G and all(isinstance(t, str) for t in a.texts)
-    with torch.no_grad():
-        full = rollout.logprobs(policy, rollout.expand(media, G, rollout.encode_video(policy, media)), a.completion_ids)
+    mv, ma = rollout.masked_logprobs(policy, a, every, every, seed=3)
+    torch.testing.assert_close(rollout.masked_logprobs(policy, b, every, every, seed=3)[0], mv)  # seeded masks
+    full = rollout.logprobs(policy, shared(policy, media, G), a.completion_ids)
     m, one = a.completion_mask.bool(), slice(G, 2 * G)
     # clip 0 has audio and video: both masks change its log-probs; clip 1 has no audio
-    assert (a.mv_logp[:G] - full[:G])[m[:G]].abs().max() > 1e-4
-    assert (a.ma_logp[:G] - full[:G])[m[:G]].abs().max() > 1e-4
-    torch.testing.assert_close(a.ma_logp[one], full[one])
-    assert (a.mv_logp[one] - full[one])[m[one]].abs().max() > 1e-4
+    assert (mv[:G] - full[:G])[m[:G]].abs().max() > 1e-4
+    assert (ma[:G] - full[:G])[m[:G]].abs().max() > 1e-4
+    torch.testing.assert_close(ma[one], full[one])
+    assert (mv[one] - full[one])[m[one]].abs().max() > 1e-4
+    # only the rows with evidence are scored, each as in the whole pass; the others are 0
+    need_v, need_a = torch.arange(12) % 5 == 0, torch.zeros(12, dtype=torch.bool)
+    some_v, some_a = rollout.masked_logprobs(policy, a, need_v, need_a, seed=3, micro_batch=2)
+    torch.testing.assert_close(some_v[need_v], mv[need_v], atol=1e-6, rtol=1e-6)
+    assert not some_v[~need_v].any() and not some_a.any()
 
 
 def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
@@ -93,14 +126,12 @@ def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
                  add_special_tokens=False, return_tensors="pt")["input_ids"]
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(60):  # memorise the target (and what follows it, which must be cut off)
-        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media))
-        loss = -rollout.logprobs(policy, inputs, target).mean()
+        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
+        loss = -rollout.logprobs(policy, inputs, target).mean()  # with gradient through both towers
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media))
-    ids, mask, texts = rollout.generate(policy, processor, inputs, max_new_tokens=40, greedy=True)
+    ids, mask, texts = rollout.generate(policy, processor, shared(policy, media, 1), max_new_tokens=40, greedy=True)
     assert all(t.endswith("</answer>") for t in texts), texts
     assert torch.all(ids[mask == 0] == tok.pad_token_id)
     assert tok.decode(ids[0][mask[0].bool()]) == texts[0]
@@ -121,4 +152,7 @@ def test_fsdp_rollout_matches_single_process(tiny_dir, synth_dir, tmp_path):
     assert torch.equal(a["ids"], b["ids"])
     for k in ("mv", "ma", "ref"):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+    for run in (a, b):  # rank 0's rows: none under x\v, every other one under x\a
+        assert not run["some"][0].any()
+        torch.testing.assert_close(run["some"][1], a["ma"] * (torch.arange(6) % 2 == 0)[:, None], atol=1e-5, rtol=1e-5)
     assert b["lengths_differ"]  # the ragged case ran
