@@ -27,6 +27,7 @@ import perception_loss
 import reward
 import rollout
 import synth
+import train
 from flops import lm_shape, peak, step_flops
 
 # Qwen2.5-Omni-{7B,3B} thinkers (their config.json); the vision and audio towers are alike in both.
@@ -84,7 +85,6 @@ def real_config(name, tokenizer):
 
 def setup(a):
     """Process group, 8-frame world and tiny thinker (built in --out when absent), reference, optimizer."""
-    import train
     if not dist.is_initialized():  # train.oppo_step sums its counts over ranks: one rank here
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     out, device = Path(a.out), "cuda" if torch.cuda.is_available() else "cpu"
@@ -241,7 +241,7 @@ def main(argv=None):
     only, res, ctx = a.only.split(","), {}, setup(a)
     print(f"bench.py: B={a.B} G={a.G} tokens={a.tokens} frames={a.frames} beta={a.beta}; load {os.getloadavg()[0]:.1f},"
           f" {torch.get_num_threads()}/{os.cpu_count()} threads; {torch.cuda.get_device_name() if cuda else 'CPU'}")
-    if "step" in only:  # GRPO, OPPO and OPPO with beta = 0 at one configuration
+    if "step" in only:  # GRPO, OPPO, OPPO with beta = 0, OPPO with every token routed: one configuration
         cfg = {"grpo": dict(perception_reward=False, perception_loss=False), "oppo": {}, "oppo_beta0": dict(beta=0.0),
                "oppo_every_token": dict(every_token=True)}  # both masked passes on all N rows: their upper bound
         runs = res["step"] = interleave({k: lambda i, kw=kw: timed_step(ctx, i, **kw) for k, kw in cfg.items()},

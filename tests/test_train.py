@@ -296,6 +296,19 @@ def test_resume_after_sigkill_continues_exactly(ref, resumed):
     assert oppo == [(ln["loss"], ln["sample"]) for ln in steps(read_log(ref / "oppo" / "log.jsonl"))]
 
 
+def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
+    """Steps after the checkpoint run again on resume, so their old lines go, and so does a line
+    cut off by the kill; everything else stays, byte for byte."""
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
+    lines.insert(3, json.dumps({"step": 3, "eval": {"war": 0.5}}) + "\n")
+    log.write_text("".join(lines) + '{"step": 6, "lo')
+    checkpoint.trim_log(log, 3)
+    assert log.read_text() == "".join(lines[:4])
+    checkpoint.trim_log(tmp_path / "absent.jsonl", 3)  # a first run has no log yet
+    assert not (tmp_path / "absent.jsonl").exists() and not list(tmp_path.glob("*.tmp"))
+
+
 def test_two_fsdp_processes_resume_exactly(fsdp, fsdp_resumed):
     """Sharded model and optimizer state and per-rank RNG, read back by the 2 ranks (the last step
     has a rank without video: parallel.encode_media's blank tower)."""
