@@ -200,11 +200,14 @@ def bench_levers(ctx):
             rollout.generate(p, ctx.processor, inputs, max_new_tokens=a.lever_tokens)
         finally:
             p.generation_config.use_cache = True
+    logprobs = torch.no_grad()(lambda pos: rollout.logprobs(p, rollout.expand(  # rotary positions once a clip, or
+        media, G, video(), audio(), rollout.positions(p, media) if pos else None), ids))  # in every forward, per row
     pairs = {"kv_cache": (lambda: gen(shared), lambda: gen(shared, False)),
              "batched_generate": (lambda: gen(shared), lambda: [gen(one) for _ in range(G)]),
              "video_once": (lambda: score(fresh(G)), lambda: score(per_row())),
              "lm_head_rows": (lambda: score(shared), lambda: score(shared, head_rows=False)),
-             "audio_once": (lambda: score(fresh(G)), lambda: score(rollout.expand(media, G, video())))}
+             "audio_once": (lambda: score(fresh(G)), lambda: score(rollout.expand(media, G, video()))),
+             "positions_once": (lambda: logprobs(True), lambda: logprobs(False))}
     return {k: interleave({"A": lambda i, f=f: timed(ctx, f), "B": lambda i, g=g: timed(ctx, g)}, 1, a.reps)
             for k, (f, g) in pairs.items()}
 

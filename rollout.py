@@ -13,6 +13,8 @@ Where the time goes with omni inputs is the long media prompt, so:
     through the thinker's `mm_encoder_outputs`; audio, for which the thinker has no such entry,
     through a hook that writes the clip's features into the audio positions of the token
     embeddings (`audio_features`), as the thinker's own forward would;
+  - the 3-D rotary positions are built once per clip (`positions`) and continued over the
+    completion, not rebuilt per row in every forward by the thinker's Python loop;
   - the LM head sees only completion positions (`lm_head_rows`), never the prompt;
   - the masked passes score only the rows whose completions claim that modality's evidence
     (Eq. 10 reads them nowhere else), after the reward has routed the tokens;
@@ -42,6 +44,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the stop token
     texts: list              # N decoded completions (skip_special_tokens=True)
     G: int
+    positions: torch.Tensor | None = None  # (3, B, P) the prompts' rotary positions, shared by every pass
     video: BaseModelOutputWithPooling | None = None  # the B clips' vision-tower output (no grad)
     audio: tuple | None = None            # the B clips' audio-tower output, one (tokens_k, D) per audio
     ref_logp: torch.Tensor | None = None  # (N, C)
@@ -65,8 +68,17 @@ def encode_audio(model, batch):
     return feats.last_hidden_state.split(n[n > 0].tolist())
 
 
-def expand(batch, G, video=None, audio=None):
-    """Forward kwargs for B clips x G rows: text rows repeated, media features shared.
+def positions(model, batch):
+    """The 3-D rotary positions of the B prompts, (3, B, P). The thinker rebuilds them in every
+    forward with a Python loop over rows (`get_rope_index`); a clip's G rows and its masked copies
+    share its layout, so they are built once per clip here and the completion continues them."""
+    lengths = batch["feature_attention_mask"].sum(-1) if "feature_attention_mask" in batch else None
+    return model.model.get_rope_index(batch["input_ids"], None, batch.get("video_grid_thw"), batch["attention_mask"],
+                                      False, lengths, batch.get("video_second_per_grid"))[0]
+
+
+def expand(batch, G, video=None, audio=None, pos=None):
+    """Forward kwargs for B clips x G rows: text rows repeated, media features and positions shared.
 
     Each clip holds at most one video and one audio, in record order, so repeating every
     per-clip item G times in place keeps rows and media aligned. Without `audio` the mel features
@@ -76,6 +88,8 @@ def expand(batch, G, video=None, audio=None):
     rep = lambda t: t.repeat_interleave(G, dim=0)
     out = {"input_ids": rep(batch["input_ids"]), "attention_mask": rep(batch["attention_mask"]),
            "use_audio_in_video": False}
+    if pos is not None:
+        out["prompt_positions"] = pos.repeat_interleave(G, dim=1)  # (3, N, P), see `logprobs`
     if "input_features" in batch:
         out["feature_attention_mask"] = rep(batch["feature_attention_mask"])  # audio lengths: rope positions
         if audio is None:
@@ -98,13 +112,14 @@ MEDIUM = {"video_grid_thw": "video", "video_second_per_grid": "video", "mm_encod
 def select(model, inputs, idx):
     """Rows idx (a LongTensor) of the expanded inputs. Media entries exist only for the rows *that
     have* that medium, so a row's entry is its rank among those rows."""
-    ids, out = inputs["input_ids"], {}
-    pos = {}
+    ids, out, pos = inputs["input_ids"], {}, {}
     for medium, token in (("video", model.config.video_token_id), ("audio", model.config.audio_token_id)):
         has = (ids == token).any(1)  # (N,)
         pos[medium] = ((has.cumsum(0) - 1)[idx][has[idx]]).tolist()
     for k, v in inputs.items():
-        if k not in MEDIUM:
+        if k == "prompt_positions":
+            out[k] = v[:, idx]
+        elif k not in MEDIUM:
             out[k] = v[idx] if torch.is_tensor(v) else v
         elif pos[MEDIUM[k]]:  # else none of these rows has the medium
             j = pos[MEDIUM[k]]
@@ -178,6 +193,9 @@ def logprobs(model, inputs, completion_ids, micro_batch=None):
         rows = select(model, inputs, torch.arange(s, min(s + mb, N)))
         ids = torch.cat([rows["input_ids"], completion_ids[s:s + mb]], 1)  # (n, P + C)
         att = torch.cat([rows["attention_mask"], torch.ones_like(completion_ids[s:s + mb])], 1)
+        if (pos := rows.pop("prompt_positions", None)) is not None:  # text after the prompt: max + 1, + 2, ...
+            after = pos.amax((0, 2))[:, None] + 1 + torch.arange(C, device=pos.device)  # (n, C)
+            rows["position_ids"] = torch.cat([pos, after.expand(3, -1, -1)], 2)  # (3, n, P + C)
         with lm_head_rows(model, C + 1), audio_features(model, rows.pop("audio_features", None)):
             logits = model(**{**rows, "input_ids": ids, "attention_mask": att}).logits[:, :-1]  # (n, C, V)
         out.append(selective_log_softmax(logits, completion_ids[s:s + mb]))
@@ -214,7 +232,7 @@ def generate(model, processor, inputs, temperature=1.0, top_p=1.0, max_new_token
     # a sampled media placeholder would be taken for a video/audio slot by every later forward
     media_ids = [tok.convert_tokens_to_ids(t) for t in MEDIA_TOKENS]
     synced = dist.is_initialized() and dist.get_world_size() > 1  # ranks must step together
-    inputs = dict(inputs)
+    inputs = {k: v for k, v in inputs.items() if k != "prompt_positions"}  # generate builds its own, once
     with lm_head_rows(model, 1), audio_features(model, inputs.pop("audio_features", None)):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
                              temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
@@ -244,15 +262,17 @@ def rollout(policy, processor, records, media, G, ref=None, temperature=1.0, top
     t0 = time.perf_counter()
     with unsharded(policy):
         video, audio = encode_video(policy, media), encode_audio(policy, media)
-        inputs = expand(media, G, video, audio)
-        ids, mask, texts = generate(policy, processor, inputs, temperature, top_p, max_new_tokens)
-    roll = Rollout(records=[r for r in records for _ in range(G)], inputs=inputs, media=media, completion_ids=ids,
-                   completion_mask=mask, texts=texts, G=G, video=video, audio=audio)
+        ids, mask, texts = generate(policy, processor, expand(media, G, video, audio), temperature, top_p,
+                                    max_new_tokens)
+    pos = positions(policy, media)
+    roll = Rollout(records=[r for r in records for _ in range(G)], inputs=expand(media, G, video, audio, pos),
+                   media=media, completion_ids=ids, completion_mask=mask, texts=texts, G=G, positions=pos,
+                   video=video, audio=audio)
     t1 = time.perf_counter()
     if ref is not None:  # Eq. (7)
         with unsharded(ref):
-            roll.ref_logp = logprobs(ref, expand(media, G, encode_video(ref, media), encode_audio(ref, media)),
-                                     ids, micro_batch)
+            roll.ref_logp = logprobs(ref, expand(media, G, encode_video(ref, media), encode_audio(ref, media),
+                                                 roll.positions), ids, micro_batch)
     roll.timings = {"generate": t1 - t0, "ref": time.perf_counter() - t1}
     return roll
 
@@ -265,12 +285,11 @@ def masked_logprobs(policy, roll, need_v, need_a, rho=0.9, seed=0, micro_batch=N
     others are 0, and Eq. (10) never reads them (their evidence masks are 0). x\\m keeps the
     layout and positions of x; the other modality's features are the rollout's own.
     """
-    no_v = data.mask_modality(roll.media, "video", rho=rho, seed=seed)
-    no_a = data.mask_modality(roll.media, "audio", rho=rho, seed=seed)
-    out = []
+    no_v, no_a = (data.mask_modality(roll.media, m, rho=rho, seed=seed) for m in ("video", "audio"))
+    G, pos, out = roll.G, roll.positions, []  # x\\m keeps the layout of x: its positions too
     with unsharded(policy):
-        for need, inputs in ((need_v, lambda: expand(no_v, roll.G, encode_video(policy, no_v), roll.audio)),
-                             (need_a, lambda: expand(no_a, roll.G, roll.video, encode_audio(policy, no_a)))):
+        for need, inputs in ((need_v, lambda: expand(no_v, G, encode_video(policy, no_v), roll.audio, pos)),
+                             (need_a, lambda: expand(no_a, G, roll.video, encode_audio(policy, no_a), pos))):
             logp = torch.zeros(roll.completion_ids.shape, device=roll.completion_ids.device)  # (N, C)
             idx = need.nonzero().squeeze(1)
             if len(idx):

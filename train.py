@@ -146,7 +146,7 @@ def sft_step(args, policy, processor, recs, media, world):
     ids, mask = tgt["input_ids"].to(media["input_ids"].device), tgt["attention_mask"].to(media["input_ids"].device)
     (n_tok,) = parallel.global_sum(mask.sum())
     video, audio, blank = parallel.encode_media(policy, media)  # blank: 0, see parallel.encode_media
-    logp = rollout.logprobs(policy, rollout.expand(media, 1, video, audio), ids)  # (n, C)
+    logp = rollout.logprobs(policy, rollout.expand(media, 1, video, audio, rollout.positions(policy, media)), ids)
     loss = -(logp * mask).sum() / n_tok + blank  # token-mean over the global batch
     (loss * world).backward()  # FSDP averages gradients over ranks; n_tok is already global
     return {"loss": loss.item() * world, "tokens": n_tok, "flops": flops.step_flops(
@@ -184,11 +184,11 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
         sub = media if mb >= len(recs) else {k: v.to(mask.device) for k, v in  # the batch's device
                                              data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames).items()}
         video, audio, blank = parallel.encode_media(policy, sub)
-        logp = rollout.logprobs(policy, rollout.expand(sub, G, video, audio), roll.completion_ids[rows])  # (n, C)
-        pick = lambda x: None if x is None else x[rows]
-        pg, m = oppo.policy_loss(logp, logp.detach(), pick(roll.ref_logp), adv[rows], mask[rows], beta=args.beta,
-                                 eps_low=args.eps_low, eps_high=args.eps_high, agg=args.agg,
-                                 num_tokens=n_tok, num_seqs=n_seq)
+        inputs = rollout.expand(sub, G, video, audio, rollout.positions(policy, sub))
+        logp = rollout.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C), with gradient
+        pg, m = oppo.policy_loss(logp, logp.detach(), roll.ref_logp[rows] if args.beta > 0 else None, adv[rows],
+                                 mask[rows], beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high,
+                                 agg=args.agg, num_tokens=n_tok, num_seqs=n_seq)
         op = None
         if args.perception_loss:
             op, m_op = perception_loss.perception_loss(logp, mv_logp[rows], ma_logp[rows], e_v[rows], e_a[rows],

@@ -81,6 +81,7 @@ def test_lever_counts(run):
     calls = [lev["batched_generate"][ab]["policy.lm_calls"] for ab in "AB"]
     assert calls == [T, G * T]  # one batched generate vs G calls of B rows
     assert (lev["audio_once"]["A"]["policy.audio_clips"], lev["audio_once"]["B"]["policy.audio_clips"]) == (B, N)
+    assert lev["positions_once"]["A"]["policy.lm_tokens"] == lev["positions_once"]["B"]["policy.lm_tokens"] == N * (P + C)
 
 
 def test_lm_flops_is_the_formula():

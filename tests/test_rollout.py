@@ -28,14 +28,15 @@ def setup(tiny_dir, synth_dir):
 
 
 def shared(policy, media, G):
-    """rollout.py's inputs: each tower once per clip, its features shared by the clip's G rows."""
+    """rollout.py's inputs: each tower and the rotary positions once per clip, shared by its G rows."""
     with torch.no_grad():
-        return rollout.expand(media, G, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
+        return rollout.expand(media, G, rollout.encode_video(policy, media), rollout.encode_audio(policy, media),
+                              rollout.positions(policy, media))
 
 
 def test_logprobs_equal_a_plain_forward(setup):
-    """Shared video and audio features + LM head on completion positions only == the naive full
-    forward, where the thinker encodes each row's video and audio itself."""
+    """Shared video and audio features and rotary positions + LM head on completion positions only ==
+    the naive full forward, where the thinker encodes each row's video and audio and builds its positions."""
     policy, processor, _, media = setup
     G, C = 2, 7
     ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C))  # no media tokens
