@@ -106,7 +106,7 @@ def setup(a):
     targs = train.Args(**{**train.CPU, "batch": a.B, "G": a.G, "max_new_tokens": a.tokens, "micro_batch": a.B,
                           "beta": a.beta, "frames": a.frames})  # the CPU profile; one micro-batch of all B clips
     optim = (torch.optim.SGD if a.config else torch.optim.AdamW)(policy.parameters(), lr=targs.lr)  # 7B: no state
-    ctx = argparse.Namespace(a=a, train=train, targs=targs, policy=policy, ref=ref, processor=processor, recs=recs,
+    ctx = argparse.Namespace(a=a, targs=targs, policy=policy, ref=ref, processor=processor, recs=recs,
                              optim=optim, matcher=reward.Matcher(), n=defaultdict(Counter))
     count_hooks(ctx.n, policy=policy, ref=ref)
     ctx.batch, ctx.media = batch_for(ctx, a.frames)
@@ -131,7 +131,7 @@ def timed_step(ctx, i, batch=None, media=None, every_token=False, **over):
     def step():
         perception_loss.evidence_masks = (lambda tok, ids, mask, sims: (mask, mask)) if every_token else route
         try:
-            m.update(ctx.train.oppo_step(targs, ctx.policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, None, 1, i))
+            m.update(train.oppo_step(targs, ctx.policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, None, 1, i))
         finally:
             perception_loss.evidence_masks = route
         m["t"] = clock()

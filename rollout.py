@@ -38,8 +38,7 @@ MEDIA_TOKENS = ("<|IMAGE|>", "<|VIDEO|>", "<|AUDIO|>", "<|vision_bos|>", "<|visi
 @dataclass
 class Rollout:
     records: list            # N = B * G ground-truth records, row i belongs to clip i // G
-    inputs: dict             # prompt tensors for the N rows (input_ids (N, P), attention_mask, ...)
-    media: dict              # the B-clip processed batch (to re-encode media with gradient)
+    media: dict              # the B-clip processed batch (masked into x\\v and x\\a by `masked_logprobs`)
     completion_ids: torch.Tensor   # (N, C) generated ids, right-padded
     completion_mask: torch.Tensor  # (N, C) 1 up to and including the stop token
     texts: list              # N decoded completions (skip_special_tokens=True)
@@ -112,17 +111,17 @@ MEDIUM = {"video_grid_thw": "video", "video_second_per_grid": "video", "mm_encod
 def select(model, inputs, idx):
     """Rows idx (a LongTensor) of the expanded inputs. Media entries exist only for the rows *that
     have* that medium, so a row's entry is its rank among those rows."""
-    ids, out, pos = inputs["input_ids"], {}, {}
+    ids, out, entry = inputs["input_ids"], {}, {}
     for medium, token in (("video", model.config.video_token_id), ("audio", model.config.audio_token_id)):
         has = (ids == token).any(1)  # (N,)
-        pos[medium] = ((has.cumsum(0) - 1)[idx][has[idx]]).tolist()
+        entry[medium] = ((has.cumsum(0) - 1)[idx][has[idx]]).tolist()  # the media entries of rows idx
     for k, v in inputs.items():
         if k == "prompt_positions":
             out[k] = v[:, idx]
         elif k not in MEDIUM:
             out[k] = v[idx] if torch.is_tensor(v) else v
-        elif pos[MEDIUM[k]]:  # else none of these rows has the medium
-            j = pos[MEDIUM[k]]
+        elif entry[MEDIUM[k]]:  # else none of these rows has the medium
+            j = entry[MEDIUM[k]]
             out[k] = ({"video": BaseModelOutputWithPooling(pooler_output=tuple(v["video"].pooler_output[i] for i in j))}
                       if k == "mm_encoder_outputs" else tuple(v[i] for i in j) if k == "audio_features" else v[j])
     return out
@@ -265,9 +264,8 @@ def rollout(policy, processor, records, media, G, ref=None, temperature=1.0, top
         ids, mask, texts = generate(policy, processor, expand(media, G, video, audio), temperature, top_p,
                                     max_new_tokens)
     pos = positions(policy, media)
-    roll = Rollout(records=[r for r in records for _ in range(G)], inputs=expand(media, G, video, audio, pos),
-                   media=media, completion_ids=ids, completion_mask=mask, texts=texts, G=G, positions=pos,
-                   video=video, audio=audio)
+    roll = Rollout(records=[r for r in records for _ in range(G)], media=media, completion_ids=ids,
+                   completion_mask=mask, texts=texts, G=G, positions=pos, video=video, audio=audio)
     t1 = time.perf_counter()
     if ref is not None:  # Eq. (7)
         with unsharded(ref):

@@ -184,7 +184,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
         sub = media if mb >= len(recs) else {k: v.to(mask.device) for k, v in  # the batch's device
                                              data.encode(processor, recs[c:c + mb], cache=cache, frames=args.frames).items()}
         video, audio, blank = parallel.encode_media(policy, sub)
-        inputs = rollout.expand(sub, G, video, audio, rollout.positions(policy, sub))
+        inputs = rollout.expand(sub, G, video, audio, roll.positions if sub is media else rollout.positions(policy, sub))
         logp = rollout.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C), with gradient
         pg, m = oppo.policy_loss(logp, logp.detach(), roll.ref_logp[rows] if args.beta > 0 else None, adv[rows],
                                  mask[rows], beta=args.beta, eps_low=args.eps_low, eps_high=args.eps_high,
