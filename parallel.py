@@ -1,7 +1,11 @@
 """Many processes: torch.distributed from torchrun's environment, FSDP2 sharding, global sums.
 
-train.py reads as one process; what only matters when there are several lives here. On a GPU the
-group is nccl with bf16 compute; on a CPU it is gloo (2 ranks in the tests), the same code.
+train.py reads as one process; what only matters when there are several lives here.
+
+Devices, one rule: the process group always has a gloo backend, so collectives on CPU tensors
+(counts, metrics, Python objects) run on every machine; with a GPU it also has nccl, which FSDP2's
+collectives on CUDA tensors use. Model inputs and everything the loss reads live on the training
+device; rewards and metrics are computed on the CPU and moved once (train.oppo_step).
 """
 import os
 
@@ -16,12 +20,13 @@ import rollout
 def init():
     """Process group from torchrun's environment (a 1-process group under plain python); (rank, world, device)."""
     cuda = torch.cuda.is_available()
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # see the module docstring
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda" if cuda else "cpu")
 
 
@@ -32,7 +37,7 @@ def shard(policy, device="cpu", bf16=False, checkpointing=False):
     tiny-model CPU step several times slower."""
     policy.to(device)
     if checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.activation_checkpointing_enable()  # transformers 5.23: gradient_checkpointing_enable is deprecated
     if dist.get_world_size() == 1 and not bf16:
         return policy
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()

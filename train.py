@@ -166,7 +166,8 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, cache, world, 
                                           use_op=args.perception_reward or args.perception_loss)
     t["reward"] = time.perf_counter()
     # 3. advantage, Eq. (5): a clip's G rows are all on this rank
-    adv, m_adv = oppo.group_advantages(total, G, scale_std=args.scale_std)
+    # rewards are computed on the CPU; the loss reads them beside the log-probs
+    adv, m_adv = oppo.group_advantages(total.to(roll.completion_ids.device), G, scale_std=args.scale_std)
     metrics = {k: float(v) for k, v in m_adv.items()}
     # 4. update, Eqs. (6)-(12): evidence routing (Eq. 9), pi_old under x\v and x\a on the rows that
     # have evidence (Eq. 10), then the loss, normalised by global counts so every rank and micro-batch agrees
