@@ -8,6 +8,7 @@
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
 """
+
 import json
 import os
 import shutil
@@ -16,8 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 
 def _rank():
@@ -30,7 +35,10 @@ def _barrier():
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state):
@@ -69,7 +77,9 @@ def latest(ckpt_dir):
         return None
     path = Path(ckpt_dir) / pointer.read_text().strip()
     if not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {path}, which does not exist: the checkpoint directory was edited by hand?")
+        raise FileNotFoundError(
+            f"{pointer} names {path}, which does not exist: the checkpoint directory was edited by hand?"
+        )
     return path
 
 
@@ -79,14 +89,23 @@ def load(path, model, optim):
     # get_state_dict gives every parameter a blank optimizer state, but one that never had a gradient
     # (an unused embedding, a tower no clip reached yet) has none saved: leave it without, as it was
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    osd["state"] = {k: v for k, v in osd["state"].items() if any(f"optim.state.{k}.{s}" in saved for s in v)}
+    osd["state"] = {
+        k: v for k, v in osd["state"].items() if any(f"optim.state.{k}.{s}" in saved for s in v)
+    }
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False))  # strict: every trainable parameter has state
+    set_state_dict(
+        model,
+        optim,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=False),
+    )  # strict: every trainable parameter has state
     extra_file = Path(path) / f"extra_rank{_rank()}.pt"
     if not extra_file.exists():
-        raise FileNotFoundError(f"{extra_file} is missing: the checkpoint was written with another number of ranks")
+        raise FileNotFoundError(
+            f"{extra_file} is missing: the checkpoint was written with another number of ranks"
+        )
     extra = torch.load(extra_file, weights_only=False)
     set_rng_state(extra["rng"])
     return extra["step"]
@@ -94,7 +113,9 @@ def load(path, model, optim):
 
 def export(model, processor, out_dir):
     """Full state dict gathered on rank 0 -> save_pretrained, written to a temp dir then renamed."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if _rank() == 0:
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -113,7 +134,9 @@ def trim_log(path, step):
     path = Path(path)
     if not path.exists():
         return
-    lines = [x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")]  # not a half-written last
+    lines = [
+        x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")
+    ]  # not a half-written last
     keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))

@@ -1,15 +1,29 @@
 """Model FLOPs of the thinker's language model, for the FLOP/s and MFU of every train.py log line
 and of bench.py. Counted from the shapes, not measured: the same formula on a CPU and a GPU.
 """
+
 import torch
 
 import model as policy_lib
 
-PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 FLOP/s, bytes/s, spec
+PEAK = {
+    "H100": (989e12, 3.35e12),
+    "H200": (989e12, 4.8e12),
+    "A100": (312e12, 2.0e12),
+}  # bf16 FLOP/s, bytes/s, spec
 
 
-def lm_flops(n_params, n_layers, d_model, trained_tokens, scored_tokens, seq_len, head_params=0, trained_rows=0,
-             scored_rows=0):
+def lm_flops(
+    n_params,
+    n_layers,
+    d_model,
+    trained_tokens,
+    scored_tokens,
+    seq_len,
+    head_params=0,
+    trained_rows=0,
+    scored_rows=0,
+):
     """Model FLOPs of the thinker's LM (PaLM, Chowdhery et al. 2022, app. B; Kaplan et al. 2020, table 1):
         6 N + 12 L d T  per trained token (forward 2N + 4LdT, backward twice the forward)
         2 N +  4 L d T  per scored token (a no-grad forward, or one generated token)
@@ -18,15 +32,26 @@ def lm_flops(n_params, n_layers, d_model, trained_tokens, scored_tokens, seq_len
     LM head sees only the rows rollout.lm_head_rows keeps, so it is counted per row. 4LdT is QK^T
     and AV against a T-token context, non-causal as in PaLM's MFU; recomputation is not counted."""
     attn = n_layers * d_model * seq_len
-    return ((6 * n_params + 12 * attn) * trained_tokens + (2 * n_params + 4 * attn) * scored_tokens
-            + head_params * (6 * trained_rows + 2 * scored_rows))
+    return (
+        (6 * n_params + 12 * attn) * trained_tokens
+        + (2 * n_params + 4 * attn) * scored_tokens
+        + head_params * (6 * trained_rows + 2 * scored_rows)
+    )
 
 
 def lm_shape(model):
     """(N non-embedding, layers, d_model, LM-head parameters); global sizes under FSDP2 too."""
-    text, emb, head = model.config.text_config, model.model.language_model.embed_tokens.weight, model.lm_head.weight
-    return (policy_lib.lm_params(model) - emb.numel() - (0 if head is emb else head.numel()),
-            text.num_hidden_layers, text.hidden_size, head.numel())
+    text, emb, head = (
+        model.config.text_config,
+        model.model.language_model.embed_tokens.weight,
+        model.lm_head.weight,
+    )
+    return (
+        policy_lib.lm_params(model) - emb.numel() - (0 if head is emb else head.numel()),
+        text.num_hidden_layers,
+        text.hidden_size,
+        head.numel(),
+    )
 
 
 def step_flops(model, rows, prompt_tokens, completion_tokens, scoring_passes=0, generate=True):
@@ -35,8 +60,17 @@ def step_flops(model, rows, prompt_tokens, completion_tokens, scoring_passes=0, 
     T = the mean length."""
     n, layers, d, head = lm_shape(model)
     tokens, head_rows = prompt_tokens + completion_tokens, completion_tokens + rows
-    return lm_flops(n, layers, d, tokens, (scoring_passes + generate) * tokens, tokens / rows, head,
-                    head_rows, scoring_passes * head_rows + generate * completion_tokens)
+    return lm_flops(
+        n,
+        layers,
+        d,
+        tokens,
+        (scoring_passes + generate) * tokens,
+        tokens / rows,
+        head,
+        head_rows,
+        scoring_passes * head_rows + generate * completion_tokens,
+    )
 
 
 def peak(i=0):

@@ -67,12 +67,20 @@ CHAT_TEMPLATE = (
 # tags, "In the video", "In the audio" and the six emotions are a few tokens each.
 _EMOTIONS = ["neutral", "happy", "sad", "angry", "surprise", "worried"]
 _FACES = [
-    "the mouth curves up in a smile", "the mouth curves down in a frown", "the lips are flat and still",
-    "the eyes are wide open and the brows are raised", "the face looks calm and relaxed", "nothing is visible",
+    "the mouth curves up in a smile",
+    "the mouth curves down in a frown",
+    "the lips are flat and still",
+    "the eyes are wide open and the brows are raised",
+    "the face looks calm and relaxed",
+    "nothing is visible",
 ]
 _VOICES = [
-    "the voice is high, loud and fast", "the voice is low, soft and slow", "the pitch is steady at a middle level",
-    "the speaker sounds tense and shaky", "the tone rises sharply", "there is no sound",
+    "the voice is high, loud and fast",
+    "the voice is low, soft and slow",
+    "the pitch is steady at a middle level",
+    "the speaker sounds tense and shaky",
+    "the tone rises sharply",
+    "there is no sound",
 ]
 DEFAULT_CORPUS = [
     "You are a helpful assistant that recognizes emotions from faces, voices and words.",
@@ -99,7 +107,11 @@ def num_params(model):
 def lm_params(model):
     """Parameters of the language model alone: decoder (with its embedding table) + lm_head,
     without the vision and audio towers. Tied weights count once."""
-    params = {id(p): p for module in (model.model.language_model, model.lm_head) for p in module.parameters()}
+    params = {
+        id(p): p
+        for module in (model.model.language_model, model.lm_head)
+        for p in module.parameters()
+    }
     return sum(p.numel() for p in params.values())
 
 
@@ -120,22 +132,30 @@ def _check_dir(path):
     except OSError as err:
         raise ModelDirError(f"model directory {path} cannot be listed ({err})") from None
     if not files:
-        raise ModelDirError(f"model directory {path} is empty: no config.json, weights or processor files")
+        raise ModelDirError(
+            f"model directory {path} is empty: no config.json, weights or processor files"
+        )
     if "config.json" not in files:
         raise ModelDirError(f"model directory {path} has no config.json")
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelDirError(f"model directory {path}: config.json is unreadable or corrupt ({err})") from None
+        raise ModelDirError(
+            f"model directory {path}: config.json is unreadable or corrupt ({err})"
+        ) from None
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in MODEL_TYPES:
         raise ModelDirError(
             f"model directory {path}: config.json has model_type {model_type!r}, expected one of {MODEL_TYPES}"
         )
     if model_type == "qwen2_5_omni" and not isinstance(config.get("thinker_config"), dict):
-        raise ModelDirError(f"model directory {path}: config.json of a full Qwen2.5-Omni has no thinker_config")
+        raise ModelDirError(
+            f"model directory {path}: config.json of a full Qwen2.5-Omni has no thinker_config"
+        )
     if not any(f.endswith(".safetensors") or f.startswith("pytorch_model") for f in files):
-        raise ModelDirError(f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)")
+        raise ModelDirError(
+            f"model directory {path} has no weights (*.safetensors or pytorch_model*.bin)"
+        )
     missing = []
     if "tokenizer_config.json" not in files or not {"tokenizer.json", "vocab.json"} & files:
         missing.append("tokenizer files (tokenizer_config.json with tokenizer.json or vocab.json)")
@@ -154,13 +174,21 @@ def load_policy(path, dtype=torch.float32):
         # Built from the thinker's own config, no talker or token2wav is ever instantiated;
         # transformers' checkpoint conversion strips the `thinker.` prefix of a full checkpoint
         # and leaves the talker/token2wav tensors unread.
-        thinker_dict = config["thinker_config"] if config["model_type"] == "qwen2_5_omni" else config
+        thinker_dict = (
+            config["thinker_config"] if config["model_type"] == "qwen2_5_omni" else config
+        )
         thinker_config = Qwen2_5OmniThinkerConfig.from_dict(thinker_dict)
         model, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-            path, config=thinker_config, dtype=dtype, local_files_only=True, output_loading_info=True
+            path,
+            config=thinker_config,
+            dtype=dtype,
+            local_files_only=True,
+            output_loading_info=True,
         )
     except Exception as err:  # re-raised with the path and the cause, whatever failed inside
-        raise ModelDirError(f"model directory {path}: cannot load the thinker ({type(err).__name__}: {err})") from err
+        raise ModelDirError(
+            f"model directory {path}: cannot load the thinker ({type(err).__name__}: {err})"
+        ) from err
     # from_pretrained fills absent tensors with random values and only warns; a policy must not.
     absent = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
     if absent:
@@ -170,7 +198,9 @@ def load_policy(path, dtype=torch.float32):
     try:
         processor = Qwen2_5OmniProcessor.from_pretrained(path, local_files_only=True)
     except Exception as err:
-        raise ModelDirError(f"model directory {path}: cannot load the processor ({type(err).__name__}: {err})") from err
+        raise ModelDirError(
+            f"model directory {path}: cannot load the processor ({type(err).__name__}: {err})"
+        ) from err
     return model, processor
 
 
@@ -205,13 +235,21 @@ def tiny_processor(corpus=None):
     if not corpus or not all(isinstance(s, str) for s in corpus):
         raise ValueError("corpus must be a non-empty list of strings")
     # Frames of 56x56 stay 56x56 (Qwen2-VL needs multiples of 28, at least 56); up to 112x112.
-    vision = dict(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}, patch_size=14,
-                  temporal_patch_size=2, merge_size=2)
+    vision = dict(
+        size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
     return Qwen2_5OmniProcessor(
         image_processor=Qwen2VLImageProcessor(**vision),
-        video_processor=Qwen2VLVideoProcessor(**vision, do_sample_frames=False, cap_pixels_per_frame=False),
+        video_processor=Qwen2VLVideoProcessor(
+            **vision, do_sample_frames=False, cap_pixels_per_frame=False
+        ),
         # The processor pads audio to the whole chunk, so a 2 s chunk keeps the inputs small.
-        feature_extractor=WhisperFeatureExtractor(feature_size=32, chunk_length=2, sampling_rate=16000),
+        feature_extractor=WhisperFeatureExtractor(
+            feature_size=32, chunk_length=2, sampling_rate=16000
+        ),
         tokenizer=_train_tokenizer(corpus),
         chat_template=CHAT_TEMPLATE,
     )
@@ -229,23 +267,50 @@ def tiny_config(tokenizer, size=1):
     mrope_section = [t, h, half - t - h]
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in NAMED_TOKENS.items()}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=4096,
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
-    vision = dict(depth=2, hidden_size=width, intermediate_size=2 * width, num_heads=heads,
-                  out_hidden_size=width, fullatt_block_indexes=[1], window_size=112)
-    audio = dict(num_mel_bins=32, encoder_layers=2, encoder_attention_heads=heads, encoder_ffn_dim=2 * width,
-                 d_model=width, output_dim=width, n_window=100)
+    vision = dict(
+        depth=2,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_heads=heads,
+        out_hidden_size=width,
+        fullatt_block_indexes=[1],
+        window_size=112,
+    )
+    audio = dict(
+        num_mel_bins=32,
+        encoder_layers=2,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=2 * width,
+        d_model=width,
+        output_dim=width,
+        n_window=100,
+    )
     return Qwen2_5OmniThinkerConfig(
-        text_config=text, vision_config=vision, audio_config=audio,
-        image_token_index=ids["image_token"], video_token_index=ids["video_token"],
-        audio_token_index=ids["audio_token"], audio_start_token_id=ids["audio_bos_token"],
+        text_config=text,
+        vision_config=vision,
+        audio_config=audio,
+        image_token_index=ids["image_token"],
+        video_token_index=ids["video_token"],
+        audio_token_index=ids["audio_token"],
+        audio_start_token_id=ids["audio_bos_token"],
         audio_end_token_id=ids["audio_eos_token"],
         # Not a declared field, but get_rope_index reads it to find where each video starts.
-        vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
-        user_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"), tie_word_embeddings=False,
+        vision_start_token_id=ids["vision_bos_token"],
+        vision_end_token_id=ids["vision_eos_token"],
+        user_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        tie_word_embeddings=False,
     )
 
 

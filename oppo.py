@@ -49,6 +49,7 @@ the authors' group's GRPO-on-Qwen2.5-Omni code), and what is our [choice]:
     world and the default policy a tiny random-weight Qwen2.5-Omni Thinker, so everything
     runs offline on a CPU.
 """
+
 import torch
 from torch import Tensor
 
@@ -74,8 +75,10 @@ def group_advantages(rewards: Tensor, G: int, scale_std: bool = True, eps: float
     torch.std and the public GRPO code. `scale_std=False` is Dr. GRPO's unscaled R_i - mean_g R.
     """
     if rewards.dim() != 1 or not isinstance(G, int) or G < 1 or rewards.numel() % G:
-        raise ValueError(f"oppo.group_advantages: `rewards` must be (N,) with N a multiple of G; "
-                         f"got shape {tuple(rewards.shape)}, G={G!r}")
+        raise ValueError(
+            f"oppo.group_advantages: `rewards` must be (N,) with N a multiple of G; "
+            f"got shape {tuple(rewards.shape)}, G={G!r}"
+        )
     if not torch.isfinite(rewards).all():
         raise ValueError("oppo.group_advantages: `rewards` contains NaN or inf")
     r = rewards.detach()
@@ -143,9 +146,19 @@ def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", num_tokens=None,
 
 
 # Eqs. (6)-(8)
-def policy_loss(logp: Tensor, old_logp, ref_logp, adv: Tensor, mask: Tensor, beta: float = 0.04,
-                eps_low: float = 0.2, eps_high: float = 0.28, agg: str = "token-mean",
-                num_tokens=None, num_seqs=None):
+def policy_loss(
+    logp: Tensor,
+    old_logp,
+    ref_logp,
+    adv: Tensor,
+    mask: Tensor,
+    beta: float = 0.04,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    agg: str = "token-mean",
+    num_tokens=None,
+    num_seqs=None,
+):
     """agg(pg_t + beta * kl_t): the clipped GRPO surrogate plus the k3 KL to the reference.
 
     logp (N, C) with gradient; old_logp (N, C) or None for logp.detach() (one update per
@@ -160,8 +173,10 @@ def policy_loss(logp: Tensor, old_logp, ref_logp, adv: Tensor, mask: Tensor, bet
     if agg not in AGGREGATIONS:
         raise ValueError(f"oppo.policy_loss: `agg` must be one of {AGGREGATIONS}, got {agg!r}")
     if ref_logp is None and beta != 0:
-        raise ValueError(f"oppo.policy_loss: `ref_logp` is None but beta={beta}; pass the "
-                         "reference log-probs or set beta=0")
+        raise ValueError(
+            f"oppo.policy_loss: `ref_logp` is None but beta={beta}; pass the "
+            "reference log-probs or set beta=0"
+        )
     pad = ~mask.bool()  # (N, C)
     m = (~pad).to(logp.dtype)  # (N, C)
     # zero the padding first: masked_fill also zeroes its gradient, so garbage there is inert
@@ -170,7 +185,8 @@ def policy_loss(logp: Tensor, old_logp, ref_logp, adv: Tensor, mask: Tensor, bet
 
     ratio = torch.exp(logp - old)  # (N, C)
     pg, clipped_low, clipped_high = clipped_surrogate(  # (N, C) each
-        ratio, adv.detach().to(logp.dtype), eps_low, eps_high)
+        ratio, adv.detach().to(logp.dtype), eps_low, eps_high
+    )
     if ref_logp is None:
         kl = torch.zeros_like(logp)  # (N, C)
     else:

@@ -7,6 +7,7 @@ Devices, one rule: the process group always has a gloo backend, so collectives o
 collectives on CUDA tensors use. Model inputs and everything the loss reads live on the training
 device; rewards and metrics are computed on the CPU and moved once (train.oppo_step).
 """
+
 import os
 
 import torch
@@ -40,13 +41,20 @@ def shard(policy, device="cpu", bf16=False, checkpointing=False):
         policy.activation_checkpointing_enable()  # transformers 5.23: gradient_checkpointing_enable is deprecated
     if dist.get_world_size() == 1 and not bf16:
         return policy
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16
+        else MixedPrecisionPolicy()
+    )
     for layer in policy.model.language_model.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(policy.model.visual, mp_policy=mp)  # the towers as their own units: generate under
     fully_shard(policy.model.audio_tower, mp_policy=mp)  # FSDP2 fails otherwise (ENV_NOTES.md)
     fully_shard(policy, mp_policy=mp)
-    for method in ("get_video_features", "get_audio_features"):  # rollout.py encodes media outside forward
+    for method in (
+        "get_video_features",
+        "get_audio_features",
+    ):  # rollout.py encodes media outside forward
         register_fsdp_forward_method(policy, method)
     return policy
 
@@ -61,7 +69,12 @@ def encode_media(policy, media):
     gathers at different times. Returns (video, audio, zero)."""
     if dist.get_world_size() == 1:
         return rollout.encode_video(policy, media), rollout.encode_audio(policy, media), 0.0
-    vc, ac, dev, zero = policy.config.vision_config, policy.config.audio_config, media["input_ids"].device, 0.0
+    vc, ac, dev, zero = (
+        policy.config.vision_config,
+        policy.config.audio_config,
+        media["input_ids"].device,
+        0.0,
+    )
     policy.set_reshard_after_backward(False, recurse=False)
     for tower in (policy.model.visual, policy.model.audio_tower):
         tower.set_reshard_after_forward(False)  # rollout.unsharded sets it back to True
@@ -69,13 +82,20 @@ def encode_media(policy, media):
     video, audio = rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
     if video is None:
         m = vc.spatial_merge_size
-        px = torch.zeros(m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=dev)
-        blank = policy.get_video_features(px, torch.tensor([[1, m, m]], device=dev), return_dict=True)
+        px = torch.zeros(
+            m * m, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, device=dev
+        )
+        blank = policy.get_video_features(
+            px, torch.tensor([[1, m, m]], device=dev), return_dict=True
+        )
         zero = zero + 0 * blank.pooler_output[0].sum()
     if audio is None:
         T = 2 * ac.n_window  # one chunk of the audio tower
-        blank = policy.get_audio_features(torch.zeros(1, ac.num_mel_bins, T, device=dev),
-                                          torch.ones(1, T, dtype=torch.long, device=dev), return_dict=True)
+        blank = policy.get_audio_features(
+            torch.zeros(1, ac.num_mel_bins, T, device=dev),
+            torch.ones(1, T, dtype=torch.long, device=dev),
+            return_dict=True,
+        )
         zero = zero + 0 * blank.last_hidden_state.sum()
     return video, audio, zero
 
@@ -89,7 +109,9 @@ def global_sum(*xs):
 
 def mean_metrics(m, world):
     """Mean of every numeric metric over ranks (rank 0 logs it)."""
-    keys = sorted(k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    keys = sorted(
+        k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    )
     t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: v / world for k, v in zip(keys, t.tolist())}

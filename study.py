@@ -9,6 +9,7 @@ full OPPO), each evaluated by eval.py on the synthetic test split with full, vid
 audio-masked inputs. Writes <out>/table.md (mean and std over seeds), <out>/study.json and
 <out>/study.png. Every run is a train.py subprocess, so each is exactly what a user can rerun.
 """
+
 import argparse
 import json
 import os
@@ -27,8 +28,14 @@ VARIANTS = {  # name: (perception_reward, perception_loss)
     "GRPO+OPL": (False, True),
     "OPPO": (True, True),
 }
-COLUMNS = {"war": "accuracy", "uar": "UAR", "U_visual": "U^v", "U_acoustic": "U^a", "F_visual": "F^v",
-           "F_acoustic": "F^a"}  # eval.py's key: the table's name
+COLUMNS = {
+    "war": "accuracy",
+    "uar": "UAR",
+    "U_visual": "U^v",
+    "U_acoustic": "U^a",
+    "F_visual": "F^v",
+    "F_acoustic": "F^a",
+}  # eval.py's key: the table's name
 
 
 def run(cmd, log, threads):
@@ -40,19 +47,40 @@ def run(cmd, log, threads):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/study", help="output directory")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated RL seeds")
-    p.add_argument("--steps", type=int, default=None, help="RL steps per run (train.py's CPU default if unset)")
-    p.add_argument("--sft_steps", type=int, default=None, help="SFT steps (train.py's CPU default if unset)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--steps", type=int, default=None, help="RL steps per run (train.py's CPU default if unset)"
+    )
+    p.add_argument(
+        "--sft_steps", type=int, default=None, help="SFT steps (train.py's CPU default if unset)"
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ", ".join(VARIANTS),
+    )
     p.add_argument("--eval_limit", type=int, default=200, help="test clips evaluated per run")
-    p.add_argument("--train_args", default="", help="extra train.py arguments for every run, e.g. '--gamma 0.1'")
-    p.add_argument("--jobs", type=int, default=2, help="RL runs at once, one thread each (2 cores: 2)")
+    p.add_argument(
+        "--train_args",
+        default="",
+        help="extra train.py arguments for every run, e.g. '--gamma 0.1'",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=2, help="RL runs at once, one thread each (2 cores: 2)"
+    )
     a = p.parse_args(argv)
     out, t0 = Path(a.out), time.time()
     out.mkdir(parents=True, exist_ok=True)
-    common = [sys.executable, str(Path(__file__).with_name("train.py")), "--eval_limit", str(a.eval_limit)]
+    common = [
+        sys.executable,
+        str(Path(__file__).with_name("train.py")),
+        "--eval_limit",
+        str(a.eval_limit),
+    ]
     common += a.train_args.split()
     sft = common + ["--stages", "sft", "--out", str(out / "sft"), "--resume"]
     if a.sft_steps is not None:
@@ -65,11 +93,27 @@ def main(argv=None):
         use_reward, use_loss = VARIANTS[name]
         for seed in a.seeds.split(","):
             run_dir = out / f"{name}_s{seed}"
-            cmd = common + ["--stages", "oppo", "--init", str(init), "--out", str(run_dir), "--seed", seed,
-                            "--perception_reward", str(use_reward), "--perception_loss", str(use_loss)]
+            cmd = common + [
+                "--stages",
+                "oppo",
+                "--init",
+                str(init),
+                "--out",
+                str(run_dir),
+                "--seed",
+                seed,
+                "--perception_reward",
+                str(use_reward),
+                "--perception_loss",
+                str(use_loss),
+            ]
             cmd += ["--steps", str(a.steps)] if a.steps is not None else []
             jobs.append((name, run_dir, cmd))
-    todo = [(cmd, out / f"{d.name}.log", 1) for _, d, cmd in jobs if not (d / "test_report.json").exists()]
+    todo = [
+        (cmd, out / f"{d.name}.log", 1)
+        for _, d, cmd in jobs
+        if not (d / "test_report.json").exists()
+    ]
     with ThreadPoolExecutor(a.jobs) as pool:  # each run is its own process; threads only wait
         list(pool.map(lambda job: run(*job), todo))
     for name, run_dir, _ in jobs:
@@ -94,11 +138,18 @@ def summarise(reports):
 def plot(rows, path):
     """Grouped bars, one group per metric, one bar per run, seed std as error bars."""
     from matplotlib.figure import Figure  # no pyplot: no GUI, no global state
+
     ax = Figure(figsize=(9, 4)).subplots()
     width = 0.8 / len(rows)
     for i, (name, r) in enumerate(rows.items()):
-        ax.bar([k + i * width for k in range(len(COLUMNS))], [r[c][0] for c in COLUMNS], width,
-               yerr=[r[c][1] for c in COLUMNS], capsize=2, label=name)
+        ax.bar(
+            [k + i * width for k in range(len(COLUMNS))],
+            [r[c][0] for c in COLUMNS],
+            width,
+            yerr=[r[c][1] for c in COLUMNS],
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(COLUMNS))], list(COLUMNS.values()))
     ax.set(ylim=(0, 1.05), title="synthetic test split: recognition, utilization U, faithfulness F")
     ax.legend(fontsize="small", ncol=len(rows))
@@ -107,9 +158,15 @@ def plot(rows, path):
 
 def markdown(rows, n_seeds, seconds):
     head = "| run | " + " | ".join(COLUMNS.values()) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
-    body = "".join(f"| {n} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in (r[c] for c in COLUMNS)) + " |\n"
-                   for n, r in rows.items())
-    return head + body + f"\nmean ± std over {n_seeds} seed(s) (SFT: one run); wall time {seconds / 60:.1f} min\n"
+    body = "".join(
+        f"| {n} | " + " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in (r[c] for c in COLUMNS)) + " |\n"
+        for n, r in rows.items()
+    )
+    return (
+        head
+        + body
+        + f"\nmean ± std over {n_seeds} seed(s) (SFT: one run); wall time {seconds / 60:.1f} min\n"
+    )
 
 
 if __name__ == "__main__":

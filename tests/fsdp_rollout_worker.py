@@ -1,8 +1,9 @@
 """Run one rollout on the tiny thinker, alone or under torchrun with FSDP2, and save the result.
 
-    python fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
-    torchrun --nproc_per_node=2 fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
+python fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
+torchrun --nproc_per_node=2 fsdp_rollout_worker.py TINY_DIR SYNTH_DIR OUT.pt
 """
+
 import os
 import sys
 
@@ -26,7 +27,11 @@ with torch.no_grad():  # a reference that differs from the policy, so the ref pa
 if distributed:
     parallel.shard(policy)
     parallel.shard(ref)
-recs = [r for r in data.load_manifest(os.path.join(world_dir, "train.jsonl")) if r.get("video") and r.get("audio")][:2]
+recs = [
+    r
+    for r in data.load_manifest(os.path.join(world_dir, "train.jsonl"))
+    if r.get("video") and r.get("audio")
+][:2]
 media = data.encode(processor, recs, [data.load_media(r, 4) for r in recs])
 torch.manual_seed(7)  # every rank samples the same rows: the sharded model must match the whole one
 roll = rollout.rollout(policy, processor, recs, media, G=3, ref=ref, max_new_tokens=10)
@@ -34,10 +39,14 @@ rank = dist.get_rank() if distributed else 0
 every = torch.ones(6, dtype=torch.bool)
 mv, ma = rollout.masked_logprobs(policy, roll, every, every, micro_batch=4)
 # ragged ranks: rank 0 scores no row under x\v and every other row under x\a, rank 1 all; no hang
-some = rollout.masked_logprobs(policy, roll, every & (rank == 1), torch.arange(6) % (2 - rank) == 0, micro_batch=4)
+some = rollout.masked_logprobs(
+    policy, roll, every & (rank == 1), torch.arange(6) % (2 - rank) == 0, micro_batch=4
+)
 # and rank r stops after 4 + 4r tokens; synced_gpus keeps the collectives in step
 with torch.no_grad():
-    inputs = rollout.expand(media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
+    inputs = rollout.expand(
+        media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
+    )
 with rollout.unsharded(policy):
     ids, _, _ = rollout.generate(policy, processor, inputs, max_new_tokens=4 + 4 * rank)
 lengths = [ids.shape[1]]
@@ -45,7 +54,16 @@ if distributed:
     lengths = [None] * dist.get_world_size()
     dist.all_gather_object(lengths, ids.shape[1])
 if rank == 0:
-    torch.save({"ids": roll.completion_ids, "mv": mv, "ma": ma, "ref": roll.ref_logp, "some": some,
-                "lengths_differ": len(set(lengths)) > 1}, out)
+    torch.save(
+        {
+            "ids": roll.completion_ids,
+            "mv": mv,
+            "ma": ma,
+            "ref": roll.ref_logp,
+            "some": some,
+            "lengths_differ": len(set(lengths)) > 1,
+        },
+        out,
+    )
 if distributed:
     dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """eval.py: every metric against hand-computed values, the MEP-Bench sanity runs, the CLI."""
+
 import json
 import sys
 from pathlib import Path
@@ -38,14 +39,22 @@ def test_hit_rate_by_hand():
     labels = ["happy", "neutral", "sad", "angry", "surprise"]
     # neutral ground truth excluded; hits: happy (joyful), misses: sad, angry (no answer), surprise (unseen word)
     assert E.hit_rate(preds, labels) == (pytest.approx(1 / 4), 4)
-    assert E.hit_rate(["neutral", "happy"], ["neutral", "calm"]) == (None, 0)  # neutral-only ground truth
+    assert E.hit_rate(["neutral", "happy"], ["neutral", "calm"]) == (
+        None,
+        0,
+    )  # neutral-only ground truth
     wheel = {"flabbergasted": "surprise", "surprise": "surprise"}
     assert E.hit_rate(preds, labels, wheel=wheel) == (pytest.approx(2 / 4), 4)
 
 
 def test_open_vocab_prf_by_hand():
     preds = ["happy, excited, tired", "", "sad", None]
-    labels = [["happy"], ["angry", "sad"], "sad, worried and angry", []]  # the last has no ground truth
+    labels = [
+        ["happy"],
+        ["angry", "sad"],
+        "sad, worried and angry",
+        [],
+    ]  # the last has no ground truth
     precision = [1 / 2, 0.0, 1.0]  # excited -> happy, so P = {happy, tired}; empty prediction -> 0
     recall = [1.0, 0.0, 1 / 3]
     P, R = sum(precision) / 3, sum(recall) / 3
@@ -76,14 +85,24 @@ def test_sentiment_by_hand():
 def test_load_wheels_and_mean_over_wheels(tmp_path, matcher):
     for k in range(1, 6):  # wheels 1-4 know "flabbergasted", wheel 5 does not
         extra = "flabbergasted,astonishment\n" if k < 5 else ""
-        (tmp_path / f"wheel{k}.csv").write_text(f"word,cluster\n# wheel {k}\nSurprise, astonishment\n{extra}\n"
-                                                 f"happy\tjoy\n")
+        (tmp_path / f"wheel{k}.csv").write_text(
+            f"word,cluster\n# wheel {k}\nSurprise, astonishment\n{extra}\nhappy\tjoy\n"
+        )
     wheels = E.load_wheels(tmp_path)
-    assert len(wheels) == 5 and wheels[0] == {"surprise": "astonishment", "flabbergasted": "astonishment",
-                                              "happy": "joy", "word": "cluster"}  # the header maps itself
+    assert len(wheels) == 5 and wheels[0] == {
+        "surprise": "astonishment",
+        "flabbergasted": "astonishment",
+        "happy": "joy",
+        "word": "cluster",
+    }  # the header maps itself
     recs = [{"id": "a", "label": "surprise"}, {"id": "b", "label": "happy"}]
-    texts = {run: ["<think>x</think><answer>flabbergasted</answer>", "<think>y</think><answer>glad</answer>"]
-             for run in E.MASKS}
+    texts = {
+        run: [
+            "<think>x</think><answer>flabbergasted</answer>",
+            "<think>y</think><answer>glad</answer>",
+        ]
+        for run in E.MASKS
+    }
     m = E.score(recs, texts, matcher, wheels=wheels)["metrics"]
     assert m["hit"] == pytest.approx((4 * 2 / 2 + 1 / 2) / 5)  # glad -> happy -> joy in every wheel
     assert E.score(recs, texts, matcher)["metrics"]["hit"] == pytest.approx(1 / 2)  # built-in map
@@ -100,7 +119,11 @@ def test_recovered_share_and_chair():
     assert E.recovered_share(S, theta=0.6) == pytest.approx(2 / 3)  # the 0.59 cue is missed
     assert E.recovered_share(torch.zeros(2, 0)) is None  # no cues: not counted
     assert E.recovered_share(torch.zeros(0, 3)) == 0.0  # no clauses: nothing recovered
-    counts = [{"visual": 1, "acoustic": 3}, {"visual": 0, "acoustic": 0}, {"visual": 2, "acoustic": 0}]
+    counts = [
+        {"visual": 1, "acoustic": 3},
+        {"visual": 0, "acoustic": 0},
+        {"visual": 2, "acoustic": 0},
+    ]
     assert E.chair(counts, "visual") == pytest.approx((3 / 6, 3 / 6, 2 / 3))  # CHAIR, F, CHAIR_s
     assert E.chair(counts, "acoustic") == pytest.approx((3 / 6, 3 / 6, 1 / 3))
     assert E.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)  # no claims
@@ -112,31 +135,66 @@ def world_records(n, scenarios=("both", "face_only", "voice_only", "subtitle"), 
     for i in range(n):
         label, scenario = synth.LABELS[i % 6], scenarios[i % len(scenarios)]
         p = synth.plan(rng, label, scenario, detail_p)
-        recs.append({"id": f"r{i}", "label": label, "reasoning": p["reasoning"], "cues": p["cues"],
-                     "scenario": scenario})
+        recs.append(
+            {
+                "id": f"r{i}",
+                "label": label,
+                "reasoning": p["reasoning"],
+                "cues": p["cues"],
+                "scenario": scenario,
+            }
+        )
     return recs
 
 
 def completion(rec, visual=True, acoustic=True):
     """A completion that states the record's visual and/or acoustic cues, then its label."""
-    parts = [f"In the video, {', '.join(rec['cues']['visual'])}." if visual and rec["cues"]["visual"] else "",
-             f"In the audio, {', '.join(rec['cues']['acoustic'])}." if acoustic and rec["cues"]["acoustic"] else "",
-             f"Therefore the person feels {rec['label']}."]
+    parts = [
+        f"In the video, {', '.join(rec['cues']['visual'])}."
+        if visual and rec["cues"]["visual"]
+        else "",
+        f"In the audio, {', '.join(rec['cues']['acoustic'])}."
+        if acoustic and rec["cues"]["acoustic"]
+        else "",
+        f"Therefore the person feels {rec['label']}.",
+    ]
     return f"<think>{' '.join(p for p in parts if p)}</think><answer>{rec['label']}</answer>"
 
 
 def test_perfect_run_scores_one(matcher):
     recs = world_records(12)
-    texts = {"full": [f"<think>{r['reasoning']}</think><answer>{r['label']}</answer>" for r in recs],
-             "no_video": [completion(r, visual=False) for r in recs],  # mentions only the audio
-             "no_audio": [completion(r, acoustic=False) for r in recs]}  # mentions only the video
+    texts = {
+        "full": [f"<think>{r['reasoning']}</think><answer>{r['label']}</answer>" for r in recs],
+        "no_video": [completion(r, visual=False) for r in recs],  # mentions only the audio
+        "no_audio": [completion(r, acoustic=False) for r in recs],
+    }  # mentions only the video
     report = E.score(recs, texts, matcher)
     m, c = report["metrics"], report["counts"]
-    for k in ("war", "uar", "hit", "ov_f", "sent_waf", "format", "U_visual", "U_acoustic", "U",
-              "F_visual", "F_acoustic", "F"):
+    for k in (
+        "war",
+        "uar",
+        "hit",
+        "ov_f",
+        "sent_waf",
+        "format",
+        "U_visual",
+        "U_acoustic",
+        "U",
+        "F_visual",
+        "F_acoustic",
+        "F",
+    ):
         assert m[k] == pytest.approx(1.0), k
-    assert m["CHAIR_visual"] == m["CHAIR_acoustic"] == m["CHAIR_s_visual"] == m["CHAIR_s_acoustic"] == 0.0
-    assert c["U_visual"] == 9 and c["U_acoustic"] == 9  # voice_only / face_only records have no such cues
+    assert (
+        m["CHAIR_visual"]
+        == m["CHAIR_acoustic"]
+        == m["CHAIR_s_visual"]
+        == m["CHAIR_s_acoustic"]
+        == 0.0
+    )
+    assert (
+        c["U_visual"] == 9 and c["U_acoustic"] == 9
+    )  # voice_only / face_only records have no such cues
     assert c["claims_no_video"]["visual"] == 0 and c["claims_no_video"]["acoustic"] > 0
     assert set(report["per_scenario"]) == {"both", "face_only", "voice_only", "subtitle"}
     assert report["per_scenario"]["both"]["counts"]["n"] == 3
@@ -154,9 +212,16 @@ def test_reciting_both_modalities_is_unfaithful(matcher):
     assert m["F_visual"] == pytest.approx(0.5) and m["F_acoustic"] == pytest.approx(0.5)
     assert m["CHAIR_s_visual"] == m["CHAIR_s_acoustic"] == 1.0
     # Reciting only what is masked (the hallucination SYNTH_NOTES saw) scores 0
-    only_v, only_a = [completion(r, acoustic=False) for r in recs], [completion(r, visual=False) for r in recs]
+    only_v, only_a = (
+        [completion(r, acoustic=False) for r in recs],
+        [completion(r, visual=False) for r in recs],
+    )
     m = E.score(recs, {"full": recite, "no_video": only_v, "no_audio": only_a}, matcher)["metrics"]
-    assert m["F_visual"] == pytest.approx(0.0) and m["F_acoustic"] == pytest.approx(0.0) and m["F"] == 0.0
+    assert (
+        m["F_visual"] == pytest.approx(0.0)
+        and m["F_acoustic"] == pytest.approx(0.0)
+        and m["F"] == 0.0
+    )
     # No reasoning at all: utilization 0, no claims (CHAIR 0 by definition), answers unparseable
     m = E.score(recs, {run: [""] * 6 for run in E.MASKS}, matcher)["metrics"]
     assert (m["U"], m["war"], m["format"], m["CHAIR_visual"]) == (0.0, 0.0, 0.0, 0.0)
@@ -173,7 +238,9 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
         E.save_report(E.score(recs, texts, matcher), tmp_path / f"{name}.json")
     assert not list(tmp_path.glob("*.tmp"))
     png = tmp_path / "cmp.png"
-    E.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "ours.json"), "--plot", str(png)])
+    E.main(
+        ["--compare", str(tmp_path / "base.json"), str(tmp_path / "ours.json"), "--plot", str(png)]
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| metric | base | ours |" and len(out) == 2 + len(E.KEYS)
     assert "| war | 0.167 | 1.000 |" in out
@@ -187,16 +254,35 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
 
 def test_cli_on_tiny_model(tmp_path, capsys):
     import model
+
     tiny = model.build_tiny(tmp_path / "tiny")
     paths = synth.make_world(tmp_path / "synth", n_train=0, n_val=0, n_test=6, seed=0)
     out = tmp_path / "report.json"
-    E.main(["--model", str(tiny), "--data", str(paths["test"]), "--out", str(out), "--limit", "5",
-            "--max-new-tokens", "12", "--batch-size", "2"])
+    E.main(
+        [
+            "--model",
+            str(tiny),
+            "--data",
+            str(paths["test"]),
+            "--out",
+            str(out),
+            "--limit",
+            "5",
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "2",
+        ]
+    )
     report = E.read_report(out)
-    assert report["counts"]["n"] == 5 and report["settings"]["n"] == 5 and report["settings"]["greedy"]
+    assert (
+        report["counts"]["n"] == 5 and report["settings"]["n"] == 5 and report["settings"]["greedy"]
+    )
     assert set(E.KEYS) <= set(report["metrics"])
     assert all(0.0 <= v <= 1.0 for v in E.summary(report).values() if v is not None)
-    assert len(report["examples"]) == 3 and all(isinstance(e["no_video"], str) for e in report["examples"])
+    assert len(report["examples"]) == 3 and all(
+        isinstance(e["no_video"], str) for e in report["examples"]
+    )
     assert report["per_scenario"]
     assert "| war |" in capsys.readouterr().out
     with pytest.raises(Exception, match="nothing.jsonl"):

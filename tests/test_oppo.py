@@ -1,4 +1,5 @@
 """oppo.py against naive loops written out here, plus the invariants of Eqs. (5)-(8), (12)."""
+
 import math
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import oppo  # noqa: E402
 def _batch(N=6, C=7, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(N, C, generator=g, dtype=dtype) * 3
-    old = logp + 0.3 * torch.randn(N, C, generator=g, dtype=dtype)  # ratios on both sides of the clip
+    old = logp + 0.3 * torch.randn(
+        N, C, generator=g, dtype=dtype
+    )  # ratios on both sides of the clip
     ref = logp + 0.5 * torch.randn(N, C, generator=g, dtype=dtype)
     adv = torch.randn(N, generator=g, dtype=dtype)
     lengths = torch.randint(1, C + 1, (N,), generator=g)
@@ -25,10 +28,11 @@ def _batch(N=6, C=7, seed=0, dtype=torch.float64):
 
 # ---- Eq. (5)
 
+
 def naive_advantages(rewards, G, scale_std=True, eps=1e-4):
     out = []
     for b in range(len(rewards) // G):
-        group = [float(x) for x in rewards[b * G:(b + 1) * G]]
+        group = [float(x) for x in rewards[b * G : (b + 1) * G]]
         mean = sum(group) / G
         std = math.sqrt(sum((x - mean) ** 2 for x in group) / (G - 1)) if G > 1 else 0.0
         for x in group:
@@ -61,7 +65,9 @@ def test_equal_rewards_give_exact_zero_never_nan():
     assert torch.equal(adv[:8], torch.zeros(8))
     assert adv[8] > 0 and adv[9] < 0
     assert metrics["frac_reward_zero_std"] == 0.5
-    adv1, metrics1 = oppo.group_advantages(torch.tensor([0.0, 1.0, 2.0]), G=1)  # G = 1: std undefined
+    adv1, metrics1 = oppo.group_advantages(
+        torch.tensor([0.0, 1.0, 2.0]), G=1
+    )  # G = 1: std undefined
     assert torch.equal(adv1, torch.zeros(3)) and metrics1["frac_reward_zero_std"] == 1.0
     advi, _ = oppo.group_advantages(torch.tensor([1, 1, 0, 1]), G=2)  # integer rewards
     assert advi.dtype == torch.float32 and advi[0] == 0 and advi[2] < 0 < advi[3]
@@ -77,6 +83,7 @@ def test_group_advantages_bad_input():
 
 
 # ---- Eqs. (6)-(8)
+
 
 def naive_policy_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, agg):
     per_seq, total, count = [], 0.0, 0
@@ -104,7 +111,9 @@ def naive_policy_loss(logp, old, ref, adv, mask, beta, eps_low, eps_high, agg):
 def test_policy_loss_matches_loop(agg, beta):
     logp, old, ref, adv, mask = _batch()
     a = logp.clone().requires_grad_()
-    loss, metrics = oppo.policy_loss(a, old, ref, adv, mask, beta=beta, eps_low=0.2, eps_high=0.28, agg=agg)
+    loss, metrics = oppo.policy_loss(
+        a, old, ref, adv, mask, beta=beta, eps_low=0.2, eps_high=0.28, agg=agg
+    )
     loss.backward()
     b = logp.clone().requires_grad_()
     expected = naive_policy_loss(b, old, ref, adv, mask, beta, 0.2, 0.28, agg)
@@ -134,7 +143,11 @@ def test_ratio_one_gives_minus_advantage_times_weight(agg):
     loss, metrics = oppo.policy_loss(x, None, None, adv, mask, beta=0.0, agg=agg)
     loss.backward()
     # each token's aggregation weight: 1 / all tokens, or 1 / (its sequence's tokens * N)
-    weight = mask / mask.sum() if agg == "token-mean" else mask / mask.sum(1, keepdim=True) / mask.shape[0]
+    weight = (
+        mask / mask.sum()
+        if agg == "token-mean"
+        else mask / mask.sum(1, keepdim=True) / mask.shape[0]
+    )
     assert_close(loss, -(adv[:, None] * weight).sum())
     assert_close(x.grad, -adv[:, None] * weight)  # d ratio / d logp = 1 at ratio 1
     assert metrics["ratio_mean"] == 1 and metrics["clip_ratio/region_mean"] == 0
@@ -142,12 +155,16 @@ def test_ratio_one_gives_minus_advantage_times_weight(agg):
 
 def test_clipping_bites_exactly_where_it_should():
     eps_low, eps_high, d = 0.2, 0.28, 1e-6
-    ratios = torch.tensor([0.5, 0.8 - d, 0.8 + d, 1.0, 1.28 - d, 1.28 + d, 2.0], dtype=torch.float64)
+    ratios = torch.tensor(
+        [0.5, 0.8 - d, 0.8 + d, 1.0, 1.28 - d, 1.28 + d, 2.0], dtype=torch.float64
+    )
     old = torch.zeros(2, 7, dtype=torch.float64)
     logp = ratios.log().repeat(2, 1).requires_grad_()
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     mask = torch.ones(2, 7, dtype=torch.float64)
-    loss, metrics = oppo.policy_loss(logp, old, None, adv, mask, beta=0.0, eps_low=eps_low, eps_high=eps_high)
+    loss, metrics = oppo.policy_loss(
+        logp, old, None, adv, mask, beta=0.0, eps_low=eps_low, eps_high=eps_high
+    )
     loss.backward()
     # A > 0: only ratios above 1 + eps_high are clipped; A < 0: only ratios below 1 - eps_low
     bites = torch.tensor([[0, 0, 0, 0, 0, 1, 1], [1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
@@ -156,11 +173,16 @@ def test_clipping_bites_exactly_where_it_should():
     assert_close(metrics["clip_ratio/high_mean"], torch.tensor(2 / 14, dtype=torch.float64))
     assert_close(metrics["clip_ratio/low_mean"], torch.tensor(2 / 14, dtype=torch.float64))
     assert_close(metrics["clip_ratio/region_mean"], torch.tensor(4 / 14, dtype=torch.float64))
-    expected = torch.where(bites, -adv[:, None] * ratios.clamp(0.8, 1.28), -adv[:, None] * ratios).sum() / 14
+    expected = (
+        torch.where(bites, -adv[:, None] * ratios.clamp(0.8, 1.28), -adv[:, None] * ratios).sum()
+        / 14
+    )
     assert_close(loss, expected)
     # exactly at the boundaries both terms are equal and nothing counts as clipped
     at = torch.tensor([[1 - eps_low, 1 + eps_high]] * 2, dtype=torch.float64)
-    pg, low, high = oppo.clipped_surrogate(at, torch.tensor([-1.0, 1.0], dtype=torch.float64), eps_low, eps_high)
+    pg, low, high = oppo.clipped_surrogate(
+        at, torch.tensor([-1.0, 1.0], dtype=torch.float64), eps_low, eps_high
+    )
     assert_close(pg, -torch.tensor([[-1.0], [1.0]], dtype=torch.float64) * at)
     assert not low.any() and not high.any()
 
@@ -205,8 +227,16 @@ def test_micro_batches_with_global_counts_sum_to_the_batch_loss(agg):
     parts = logp.clone().requires_grad_()
     total = 0.0
     for rows in (slice(0, 3), slice(3, 8)):  # uneven micro-batches
-        loss, _ = oppo.policy_loss(parts[rows], old[rows], ref[rows], adv[rows], mask[rows], agg=agg,
-                                   num_tokens=mask.sum(), num_seqs=8)
+        loss, _ = oppo.policy_loss(
+            parts[rows],
+            old[rows],
+            ref[rows],
+            adv[rows],
+            mask[rows],
+            agg=agg,
+            num_tokens=mask.sum(),
+            num_seqs=8,
+        )
         loss.backward()
         total = total + loss.detach()
     assert_close(total, loss_full.detach())
@@ -216,7 +246,9 @@ def test_micro_batches_with_global_counts_sum_to_the_batch_loss(agg):
 def test_empty_mask_gives_zero_not_nan():
     logp = torch.randn(2, 3, requires_grad=True)
     for agg in ("token-mean", "seq-mean"):
-        loss, metrics = oppo.policy_loss(logp, None, None, torch.ones(2), torch.zeros(2, 3), beta=0.0, agg=agg)
+        loss, metrics = oppo.policy_loss(
+            logp, None, None, torch.ones(2), torch.zeros(2, 3), beta=0.0, agg=agg
+        )
         assert loss == 0 and all(torch.isfinite(v) for v in metrics.values())
 
 
@@ -233,6 +265,7 @@ def test_policy_loss_bad_input():
 
 
 # ---- Eq. (12)
+
 
 def test_total_loss():
     pg, op = torch.tensor(1.5), torch.tensor(-0.25)

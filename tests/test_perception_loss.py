@@ -4,6 +4,7 @@ The tokenizer is a small byte-level BPE trained here, so no test depends on mode
 across spaces and punctuation, so tokens can straddle clause boundaries, and it never saw CJK
 or emoji, so those characters are split into single-byte tokens.
 """
+
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,10 +30,15 @@ def tokenizer():
     tok.decoder = decoders.ByteLevel()
     # "xé xè xê": the pair (x, first byte of é/è/ê) is the most frequent, so a token ends mid-character
     corpus = [SENTENCE, "xé xè xê xé xè xê", "un café, a smile. A café!"] * 20
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
 
 
 def bytes_to_unicode():
@@ -50,7 +56,10 @@ def naive_char_sets(tokenizer, ids):
     """Independent of the module: each token's bytes, then every character whose bytes it holds."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
-    pieces = [b"" if i in special else bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(i)) for i in ids]
+    pieces = [
+        b"" if i in special else bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(i))
+        for i in ids
+    ]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert b"".join(pieces).decode("utf-8") == text
     char_bytes, pos = [], 0
@@ -70,6 +79,7 @@ MULTIBYTE = "xé 中文 😀 café. The face looks tense, the voice"
 
 # ---- Eq. (9) routing
 
+
 def test_route_clauses_by_hand():
     Sv = torch.tensor([[0.8, 0.1], [0.2, 0.3], [0.45, 0.0], [0.7, 0.6], [0.9, 0.0]])
     Sa = torch.tensor([[0.3], [0.9], [0.49], [0.7], [0.95]])
@@ -87,18 +97,23 @@ def test_route_clauses_match_loop():
     expected = []
     for k in range(50):
         bv, ba = max(Sv[k].tolist()), max(Sa[k].tolist())
-        expected.append("visual" if bv > 0.5 and bv > ba else "acoustic" if ba > 0.5 and ba > bv else None)
+        expected.append(
+            "visual" if bv > 0.5 and bv > ba else "acoustic" if ba > 0.5 and ba > bv else None
+        )
     assert P.route_clauses(Sv, Sa, 0.5) == expected
 
 
 # ---- Eq. (9) character alignment
+
 
 def test_token_char_spans_exact_on_multibyte(tokenizer):
     eos = tokenizer.eos_token_id
     ids = [eos] + tokenizer.encode(MULTIBYTE) + [eos, eos]  # special tokens around: empty spans
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert "xÃ" in tokens  # precondition: a token holding 'x' and the first byte of 'é'
-    assert sum(t in ("ä", "¸", "Ń") for t in tokens) == 3  # precondition: '中' split into its 3 bytes
+    assert (
+        sum(t in ("ä", "¸", "Ń") for t in tokens) == 3
+    )  # precondition: '中' split into its 3 bytes
     spans = P.token_char_spans(tokenizer, ids)
     expected, text = naive_char_sets(tokenizer, ids)
     assert text == MULTIBYTE
@@ -114,7 +129,9 @@ def test_token_char_spans_cut_inside_a_character(tokenizer):
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert text.endswith("\ufffd")
     spans = P.token_char_spans(tokenizer, ids)
-    assert spans[-1] == spans[-2] == (len(text) - 1, len(text))  # both bytes overlap the broken char
+    assert (
+        spans[-1] == spans[-2] == (len(text) - 1, len(text))
+    )  # both bytes overlap the broken char
     assert [set(range(s, e)) for s, e in spans[:-2]] == naive_char_sets(tokenizer, ids[:-2])[0]
 
 
@@ -135,35 +152,53 @@ def test_token_char_spans_non_byte_level_tokenizer():
 
 
 def sim(spans, sv, sa):
-    S = {"visual": torch.tensor(sv).view(len(spans), -1), "acoustic": torch.tensor(sa).view(len(spans), -1),
-         "emotion": torch.ones(len(spans), 1)}
+    S = {
+        "visual": torch.tensor(sv).view(len(spans), -1),
+        "acoustic": torch.tensor(sa).view(len(spans), -1),
+        "emotion": torch.ones(len(spans), 1),
+    }
     return SimpleNamespace(spans=spans, S=S)
 
 
 def test_evidence_masks_route_a_visual_clause_to_the_visual_mask(tokenizer):
     text = SENTENCE
-    clauses = [(0, 20), (21, 41), (42, 55)]  # "The face looks tense" / " the voice is raised" / " She is angry"
-    assert text[slice(*clauses[0])] == "The face looks tense" and text[slice(*clauses[2])] == " She is angry"
+    clauses = [
+        (0, 20),
+        (21, 41),
+        (42, 55),
+    ]  # "The face looks tense" / " the voice is raised" / " She is angry"
+    assert (
+        text[slice(*clauses[0])] == "The face looks tense"
+        and text[slice(*clauses[2])] == " She is angry"
+    )
     ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
     spans = P.token_char_spans(tokenizer, ids)
-    inside = next(k for k, (s, e) in enumerate(spans) if s > 0 and e < 20)  # a token inside clause 0
-    ids.insert(inside, tokenizer.eos_token_id)  # a special token within the clause: decodes to nothing
+    inside = next(
+        k for k, (s, e) in enumerate(spans) if s > 0 and e < 20
+    )  # a token inside clause 0
+    ids.insert(
+        inside, tokenizer.eos_token_id
+    )  # a special token within the clause: decodes to nothing
     C = len(ids) + 3
     completion = torch.full((2, C), tokenizer.pad_token_id)
-    completion[0, :len(ids)] = torch.tensor(ids)
-    completion[1, :len(ids)] = torch.tensor(ids)
+    completion[0, : len(ids)] = torch.tensor(ids)
+    completion[1, : len(ids)] = torch.tensor(ids)
     mask = (completion != tokenizer.pad_token_id).float()
-    sims = [sim(clauses, [0.9, 0.1, 0.2], [0.1, 0.2, 0.3]),  # clause 0 visual, the rest neutral
-            sim(clauses, [0.1, 0.2, 0.3], [0.2, 0.8, 0.1])]  # clause 1 acoustic
+    sims = [
+        sim(clauses, [0.9, 0.1, 0.2], [0.1, 0.2, 0.3]),  # clause 0 visual, the rest neutral
+        sim(clauses, [0.1, 0.2, 0.3], [0.2, 0.8, 0.1]),
+    ]  # clause 1 acoustic
     e_v, e_a = P.evidence_masks(tokenizer, completion, mask, sims, texts=[text, text])
     char_sets, _ = naive_char_sets(tokenizer, ids)
     want_v = [float(bool(cs & set(range(0, 20)))) for cs in char_sets]
     want_a = [float(bool(cs & set(range(21, 41)))) for cs in char_sets]
-    assert e_v[0, :len(ids)].tolist() == want_v and 0 < sum(want_v) < len(ids)
-    assert e_v[0, inside] == 0 and e_v[0, inside - 1] == e_v[0, inside + 1] == 1  # empty span overlaps nothing
+    assert e_v[0, : len(ids)].tolist() == want_v and 0 < sum(want_v) < len(ids)
+    assert (
+        e_v[0, inside] == 0 and e_v[0, inside - 1] == e_v[0, inside + 1] == 1
+    )  # empty span overlaps nothing
     assert not e_a[0].any()  # nothing visual leaks into the acoustic mask
-    assert e_a[1, :len(ids)].tolist() == want_a and not e_v[1].any()
-    assert not e_v[:, len(ids):].any() and not e_a[:, len(ids):].any()  # padding stays 0
+    assert e_a[1, : len(ids)].tolist() == want_a and not e_v[1].any()
+    assert not e_v[:, len(ids) :].any() and not e_a[:, len(ids) :].any()  # padding stays 0
 
 
 def test_evidence_masks_clause_boundary_inside_a_token(tokenizer):
@@ -175,15 +210,16 @@ def test_evidence_masks_clause_boundary_inside_a_token(tokenizer):
     clauses = sim([(0, cut), (cut, len(SENTENCE))], [0.9, 0.0], [0.0, 0.9])  # visual, then acoustic
     e_v, e_a = P.evidence_masks(tokenizer, completion, mask, [clauses])
     assert e_v[0, k] == 1 and e_a[0, k] == 1  # the straddling token overlaps both clauses
-    assert e_v[0, :k].all() and not e_v[0, k + 1:].any()
+    assert e_v[0, :k].all() and not e_v[0, k + 1 :].any()
     assert e_a[0, k:].all() and not e_a[0, :k].any()
 
 
 def test_evidence_masks_multibyte_clause(tokenizer):
     ids = tokenizer.encode(MULTIBYTE)
     c = MULTIBYTE.index("中")
-    e_v, e_a = P.evidence_masks(tokenizer, torch.tensor([ids]), torch.ones(1, len(ids)),
-                                [sim([(c, c + 1)], [0.9], [0.0])])  # the clause is the one character '中'
+    e_v, e_a = P.evidence_masks(
+        tokenizer, torch.tensor([ids]), torch.ones(1, len(ids)), [sim([(c, c + 1)], [0.9], [0.0])]
+    )  # the clause is the one character '中'
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert [tokens[i] for i in e_v[0].nonzero().squeeze(1).tolist()] == ["ä", "¸", "Ń"]
     assert not e_a.any()
@@ -192,8 +228,9 @@ def test_evidence_masks_multibyte_clause(tokenizer):
 def test_evidence_masks_with_model_tokenizer(tmp_path):
     if not (ROOT / "model.py").exists():
         pytest.skip("model.py not written yet")
-    from model import build_tiny
     from transformers import AutoTokenizer
+
+    from model import build_tiny
 
     tok = AutoTokenizer.from_pretrained(build_tiny(tmp_path / "tiny"))
     text = "<think>The face looks tense, é 中文 😀.</think><answer>angry</answer>"
@@ -214,12 +251,16 @@ def test_token_char_spans_on_random_ids(tokenizer):
         if trial % 2:
             ids = torch.randint(0, len(tokenizer), (length,), generator=g).tolist()
         else:
-            ids = tokenizer.encode("".join(pool[j] for j in torch.randint(0, len(pool), (length,), generator=g)))
+            ids = tokenizer.encode(
+                "".join(pool[j] for j in torch.randint(0, len(pool), (length,), generator=g))
+            )
         text = tokenizer.decode(ids, skip_special_tokens=True)
         spans = P.token_char_spans(tokenizer, ids)
         assert len(spans) == len(ids) and all(0 <= s <= e <= len(text) for s, e in spans)
         assert all(b[0] >= a[0] for a, b in zip(spans, spans[1:]))  # starts never go back
-        assert set().union(*(range(s, e) for s, e in spans)) == set(range(len(text)))  # every character covered
+        assert set().union(*(range(s, e) for s, e in spans)) == set(
+            range(len(text))
+        )  # every character covered
         if "\ufffd" not in text:
             assert [set(range(s, e)) for s, e in spans] == naive_char_sets(tokenizer, ids)[0]
             assert P._spans_from_prefixes(tokenizer, ids, text) == spans
@@ -228,6 +269,7 @@ def test_token_char_spans_on_random_ids(tokenizer):
 
 
 # ---- Eq. (10)
+
 
 def test_token_divergence_matches_formula_and_is_nonnegative():
     g = torch.Generator().manual_seed(1)
@@ -256,6 +298,7 @@ def test_token_divergence_finite_for_extreme_logprobs():
 
 # ---- Eq. (11)
 
+
 def _op_batch(N=5, C=6, seed=2):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(N, C, generator=g, dtype=torch.float64) * 4
@@ -276,7 +319,10 @@ def naive_perception_loss(logp, mv, ma, e_v, e_a, mask, gamma, eta, clamp):
             for t in range(logp.shape[1]):
                 if e[i, t] and mask[i, t]:
                     u = masked[i, t] - logp[i, t]
-                    total, count = total + min(torch.exp(u) - u - 1, torch.tensor(clamp, dtype=u.dtype)), count + 1
+                    total, count = (
+                        total + min(torch.exp(u) - u - 1, torch.tensor(clamp, dtype=u.dtype)),
+                        count + 1,
+                    )
         kls.append(total / max(count, 1))
     h_total, n = 0.0, 0
     for i in range(logp.shape[0]):
@@ -300,7 +346,10 @@ def test_perception_loss_matches_loop():
     assert metrics["n_visual"] == e_v.sum() and metrics["n_acoustic"] == e_a.sum()
     assert_close(metrics["share_visual"], e_v.sum() / mask.sum())
     assert_close(metrics["entropy"], -(logp * mask).sum() / mask.sum())
-    assert_close(metrics["kl_visual"], (-naive_perception_loss(logp, mv, ma, e_v, 0 * e_a, mask, 1.0, 0.0, 2.0)))
+    assert_close(
+        metrics["kl_visual"],
+        (-naive_perception_loss(logp, mv, ma, e_v, 0 * e_a, mask, 1.0, 0.0, 2.0)),
+    )
 
 
 def test_gradient_flows_only_through_full_input_logprobs():
@@ -333,8 +382,9 @@ def test_padding_never_changes_the_perception_loss():
     loss_a.backward()
     b = torch.cat([logp, garbage], 1).requires_grad_()
     cat = lambda x, y: torch.cat([x, y], 1)  # noqa: E731
-    loss_b, metrics_b = P.perception_loss(b, cat(mv, garbage), cat(ma, garbage), cat(e_v, ones), cat(e_a, ones),
-                                          cat(mask, 0 * ones))
+    loss_b, metrics_b = P.perception_loss(
+        b, cat(mv, garbage), cat(ma, garbage), cat(e_v, ones), cat(e_a, ones), cat(mask, 0 * ones)
+    )
     loss_b.backward()
     assert_close(loss_a, loss_b)
     assert_close(a.grad, b.grad[:, :C])
@@ -351,8 +401,16 @@ def test_micro_batches_with_global_counts_sum_to_the_batch_loss():
     parts = logp.clone().requires_grad_()
     total = 0.0
     for r in (slice(0, 3), slice(3, 8)):
-        loss, _ = P.perception_loss(parts[r], mv[r], ma[r], e_v[r], e_a[r], mask[r],
-                                    num_evidence=(e_v.sum(), e_a.sum()), num_tokens=int(mask.sum()))
+        loss, _ = P.perception_loss(
+            parts[r],
+            mv[r],
+            ma[r],
+            e_v[r],
+            e_a[r],
+            mask[r],
+            num_evidence=(e_v.sum(), e_a.sum()),
+            num_tokens=int(mask.sum()),
+        )
         loss.backward()
         total = total + loss.detach()
     assert_close(total, loss_full.detach())

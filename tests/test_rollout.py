@@ -1,4 +1,5 @@
 """rollout.py: sampling, scoring passes, determinism, and the 2-process FSDP2 rollout."""
+
 import os
 import subprocess
 import sys
@@ -30,8 +31,13 @@ def setup(tiny_dir, synth_dir):
 def shared(policy, media, G):
     """rollout.py's inputs: each tower and the rotary positions once per clip, shared by its G rows."""
     with torch.no_grad():
-        return rollout.expand(media, G, rollout.encode_video(policy, media), rollout.encode_audio(policy, media),
-                              rollout.positions(policy, media))
+        return rollout.expand(
+            media,
+            G,
+            rollout.encode_video(policy, media),
+            rollout.encode_audio(policy, media),
+            rollout.positions(policy, media),
+        )
 
 
 def test_logprobs_equal_a_plain_forward(setup):
@@ -39,28 +45,48 @@ def test_logprobs_equal_a_plain_forward(setup):
     the naive full forward, where the thinker encodes each row's video and audio and builds its positions."""
     policy, processor, _, media = setup
     G, C = 2, 7
-    ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C))  # no media tokens
+    ids = torch.randint(
+        len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C)
+    )  # no media tokens
     inputs = shared(policy, media, G)
-    assert "input_features" not in inputs and len(inputs["audio_features"]) == 2 * G  # 2 clips with audio
+    assert (
+        "input_features" not in inputs and len(inputs["audio_features"]) == 2 * G
+    )  # 2 clips with audio
     with torch.no_grad():
-        got = rollout.logprobs(policy, inputs, ids, micro_batch=3)  # (N, C), rows split inside clips
+        got = rollout.logprobs(
+            policy, inputs, ids, micro_batch=3
+        )  # (N, C), rows split inside clips
         plain = {k: v for k, v in media.items() if k not in ("pixel_values_videos",)}
-        plain = rollout.expand(plain, G)  # text and audio rows repeated, video re-encoded per row below
+        plain = rollout.expand(
+            plain, G
+        )  # text and audio rows repeated, video re-encoded per row below
         per_clip = media["pixel_values_videos"].chunk(3)
         plain["pixel_values_videos"] = torch.cat([per_clip[i // G] for i in range(3 * G)])
         plain["video_grid_thw"] = media["video_grid_thw"].repeat_interleave(G, 0)
         plain["video_second_per_grid"] = media["video_second_per_grid"].repeat_interleave(G, 0)
         P = plain["input_ids"].shape[1]
-        logits = policy(**{**plain, "input_ids": torch.cat([plain["input_ids"], ids], 1),
-                           "attention_mask": torch.cat([plain["attention_mask"], torch.ones_like(ids)], 1)}).logits
-        want = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        logits = policy(
+            **{
+                **plain,
+                "input_ids": torch.cat([plain["input_ids"], ids], 1),
+                "attention_mask": torch.cat([plain["attention_mask"], torch.ones_like(ids)], 1),
+            }
+        ).logits
+        want = (
+            torch.log_softmax(logits[:, P - 1 : -1].float(), -1)
+            .gather(-1, ids.unsqueeze(-1))
+            .squeeze(-1)
+        )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_generate_with_shared_audio_equals_per_row_audio(setup):
     policy, processor, _, media = setup
     runs = []
-    for inputs in (shared(policy, media, 3), rollout.expand(media, 3, rollout.encode_video(policy, media))):
+    for inputs in (
+        shared(policy, media, 3),
+        rollout.expand(media, 3, rollout.encode_video(policy, media)),
+    ):
         torch.manual_seed(5)
         runs.append(rollout.generate(policy, processor, inputs, max_new_tokens=10))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][2] == runs[1][2]
@@ -70,7 +96,9 @@ def test_select_takes_each_rows_own_media(setup):
     policy, processor, _, media = setup
     G, idx = 3, torch.tensor([1, 3, 4, 8])  # clip 0, clip 1 (no audio) twice, clip 2
     inputs = shared(policy, media, G)
-    ids = torch.randint(len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, 5))
+    ids = torch.randint(
+        len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, 5)
+    )
     with torch.no_grad():
         whole = rollout.logprobs(policy, inputs, ids)
         some = rollout.logprobs(policy, rollout.select(policy, inputs, idx), ids[idx])
@@ -80,14 +108,30 @@ def test_select_takes_each_rows_own_media(setup):
 def test_logprobs_equal_generate_scores(setup):
     """At temperature 1 the log-probs of the sampled tokens are generate's own."""
     policy, processor, _, media = setup
-    inputs = rollout.expand(media, 2, rollout.encode_video(policy, media))  # audio encoded in the forward
+    inputs = rollout.expand(
+        media, 2, rollout.encode_video(policy, media)
+    )  # audio encoded in the forward
     torch.manual_seed(0)
     with torch.no_grad():
-        out = policy.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=True, top_k=0,
-                              temperature=1.0, output_logits=True, return_dict_in_generate=True,
-                              pad_token_id=processor.tokenizer.pad_token_id)
-        ids = out.sequences[:, inputs["input_ids"].shape[1]:]
-        scores = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        out = policy.generate(
+            **inputs,
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=True,
+            top_k=0,
+            temperature=1.0,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        ids = out.sequences[:, inputs["input_ids"].shape[1] :]
+        scores = (
+            torch.stack(out.logits, 1)
+            .float()
+            .log_softmax(-1)
+            .gather(-1, ids.unsqueeze(-1))
+            .squeeze(-1)
+        )
         got = rollout.logprobs(policy, inputs, ids)
     torch.testing.assert_close(got, scores, atol=1e-4, rtol=1e-4)
 
@@ -103,7 +147,9 @@ def test_rollout_is_seeded_and_masks_only_what_matters(setup):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     assert len(a.texts) == 3 * G and all(isinstance(t, str) for t in a.texts)
     mv, ma = rollout.masked_logprobs(policy, a, every, every, seed=3)
-    torch.testing.assert_close(rollout.masked_logprobs(policy, b, every, every, seed=3)[0], mv)  # seeded masks
+    torch.testing.assert_close(
+        rollout.masked_logprobs(policy, b, every, every, seed=3)[0], mv
+    )  # seeded masks
     full = rollout.logprobs(policy, shared(policy, media, G), a.completion_ids)
     m, one = a.completion_mask.bool(), slice(G, 2 * G)
     # clip 0 has audio and video: both masks change its log-probs; clip 1 has no audio
@@ -123,16 +169,23 @@ def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
     _, processor, batch, media = setup
     policy = policy_lib.load_policy(tiny_dir)[0]
     tok = processor.tokenizer
-    target = tok(["<think>In the video, a smile.</think><answer>happy</answer> trailing words"] * 3,
-                 add_special_tokens=False, return_tensors="pt")["input_ids"]
+    target = tok(
+        ["<think>In the video, a smile.</think><answer>happy</answer> trailing words"] * 3,
+        add_special_tokens=False,
+        return_tensors="pt",
+    )["input_ids"]
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(60):  # memorise the target (and what follows it, which must be cut off)
-        inputs = rollout.expand(media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media))
+        inputs = rollout.expand(
+            media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
+        )
         loss = -rollout.logprobs(policy, inputs, target).mean()  # with gradient through both towers
         opt.zero_grad()
         loss.backward()
         opt.step()
-    ids, mask, texts = rollout.generate(policy, processor, shared(policy, media, 1), max_new_tokens=40, greedy=True)
+    ids, mask, texts = rollout.generate(
+        policy, processor, shared(policy, media, 1), max_new_tokens=40, greedy=True
+    )
     assert all(t.endswith("</answer>") for t in texts), texts
     assert torch.all(ids[mask == 0] == tok.pad_token_id)
     assert tok.decode(ids[0][mask[0].bool()]) == texts[0]
@@ -144,16 +197,36 @@ def test_fsdp_rollout_matches_single_process(tiny_dir, synth_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     worker = Path(__file__).with_name("fsdp_rollout_worker.py")
     single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, str(worker), str(tiny_dir), str(synth_dir), str(single)],
-                   check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, str(worker), str(tiny_dir), str(synth_dir), str(single)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     multi = tmp_path / "multi.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29611",
-                    str(worker), str(tiny_dir), str(synth_dir), str(multi)], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29611",
+            str(worker),
+            str(tiny_dir),
+            str(synth_dir),
+            str(multi),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     a, b = torch.load(single), torch.load(multi)
     assert torch.equal(a["ids"], b["ids"])
     for k in ("mv", "ma", "ref"):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
     for run in (a, b):  # rank 0's rows: none under x\v, every other one under x\a
         assert not run["some"][0].any()
-        torch.testing.assert_close(run["some"][1], a["ma"] * (torch.arange(6) % 2 == 0)[:, None], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            run["some"][1], a["ma"] * (torch.arange(6) % 2 == 0)[:, None], atol=1e-5, rtol=1e-5
+        )
     assert b["lengths_differ"]  # the ragged case ran

@@ -9,6 +9,7 @@ step); and fsdp_train_worker.py, the gradients of batches where a rank lacks vid
 In-process runs use 1 thread, like the subprocesses (OMP_NUM_THREADS=1), so their floating-point
 sums are the same and resumed losses compare exactly.
 """
+
 import json
 import math
 import os
@@ -34,15 +35,32 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS, OPPO_STEPS = 8, 2
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read/written in one process
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled"
+)  # DCP read/written in one process
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def run_args(tiny_dir, synth_dir, out, **over):
-    kw = dict(profile="cpu", model=str(tiny_dir), data=f"{synth_dir}/train.jsonl", val_data=f"{synth_dir}/val.jsonl",
-              test_data=f"{synth_dir}/test.jsonl", out=str(out), sft_steps=SFT_STEPS, steps=OPPO_STEPS, sft_batch=4,
-              batch=2, G=2, max_new_tokens=8, eval_limit=2, sft_lr=1e-2, warmup=1, save_every=2,
-              eval_every=SFT_STEPS)
+    kw = dict(
+        profile="cpu",
+        model=str(tiny_dir),
+        data=f"{synth_dir}/train.jsonl",
+        val_data=f"{synth_dir}/val.jsonl",
+        test_data=f"{synth_dir}/test.jsonl",
+        out=str(out),
+        sft_steps=SFT_STEPS,
+        steps=OPPO_STEPS,
+        sft_batch=4,
+        batch=2,
+        G=2,
+        max_new_tokens=8,
+        eval_limit=2,
+        sft_lr=1e-2,
+        warmup=1,
+        save_every=2,
+        eval_every=SFT_STEPS,
+    )
     return {**kw, **over}
 
 
@@ -76,7 +94,9 @@ def _strict(name):
 
 def read_log(path):
     """Every line must be strict JSON (no NaN / Infinity)."""
-    return [json.loads(line, parse_constant=_strict) for line in Path(path).read_text().splitlines()]
+    return [
+        json.loads(line, parse_constant=_strict) for line in Path(path).read_text().splitlines()
+    ]
 
 
 def steps(lines):
@@ -110,7 +130,11 @@ def batch(synth_dir, tiny_dir):
 
 
 def logits(model_or_path, batch):
-    model = policy_lib.load_policy(model_or_path)[0] if isinstance(model_or_path, (str, Path)) else model_or_path
+    model = (
+        policy_lib.load_policy(model_or_path)[0]
+        if isinstance(model_or_path, (str, Path))
+        else model_or_path
+    )
     with torch.no_grad():
         return model.eval()(**batch, use_audio_in_video=False).logits
 
@@ -129,8 +153,15 @@ def ref(tiny_dir, synth_dir, matcher, tmp_path_factory):
 
 def start(*cmd):
     """A subprocess in its own session, so that a hung torchrun goes with all its ranks."""
-    return subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, *map(str, cmd)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc, timeout=240):
@@ -139,12 +170,16 @@ def finish(proc, timeout=240):
     except subprocess.TimeoutExpired:  # a collective mismatch hangs rather than fails
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-    out = "\n".join(ln for ln in out.splitlines() if "Loading weights" not in ln and "Writing model" not in ln)
+    out = "\n".join(
+        ln for ln in out.splitlines() if "Loading weights" not in ln and "Writing model" not in ln
+    )
     assert proc.returncode == 0, out[-8000:]
 
 
 def torchrun(*args):
-    return start("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args)
+    return start(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +196,9 @@ def fsdp_resumed(fsdp, tiny_dir, synth_dir, tmp_path_factory):
     step = f"step_{SFT_STEPS - 2:07d}"
     shutil.copytree(fsdp / "sft" / "ckpt" / step, out / "sft" / "ckpt" / step)
     (out / "sft" / "ckpt" / "latest").write_text(step)
-    finish(torchrun("train.py", *cli(run_args(tiny_dir, synth_dir, out, stages="sft", resume=True))))
+    finish(
+        torchrun("train.py", *cli(run_args(tiny_dir, synth_dir, out, stages="sft", resume=True)))
+    )
     return out
 
 
@@ -173,15 +210,24 @@ def resumed(tiny_dir, synth_dir, matcher, tmp_path_factory):
     kw = run_args(tiny_dir, synth_dir, out)
     ckpt = out / "sft" / "ckpt"
     with open(out / "stderr.txt", "w") as err:
-        proc = subprocess.Popen([sys.executable, "train.py", *cli(kw)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *cli(kw)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         deadline = time.monotonic() + 300
-        while not (ckpt / "latest").exists() and proc.poll() is None and time.monotonic() < deadline:
+        while (
+            not (ckpt / "latest").exists() and proc.poll() is None and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself ({proc.returncode}), not by the kill:\n" + \
-        (out / "stderr.txt").read_text()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended by itself ({proc.returncode}), not by the kill:\n"
+        + (out / "stderr.txt").read_text()[-3000:]
+    )
     assert not (out / "sft" / "final").exists()
     step = int(checkpoint.latest(ckpt).name.split("_")[1])
     assert 2 <= step < SFT_STEPS
@@ -201,12 +247,25 @@ def resumed(tiny_dir, synth_dir, matcher, tmp_path_factory):
 def test_sft_lowers_the_loss_and_changes_the_parameters(ref, tiny_dir):
     lines = read_log(ref / "sft" / "log.jsonl")
     evals = [ln for ln in lines if "eval" in ln]  # --eval_every: validation through eval.py
-    assert [ln["step"] for ln in evals] == [SFT_STEPS] and {"war", "uar", "U", "F"} <= evals[0]["eval"].keys()
+    assert [ln["step"] for ln in evals] == [SFT_STEPS] and {"war", "uar", "U", "F"} <= evals[0][
+        "eval"
+    ].keys()
     lines = steps(lines)
     assert [ln["step"] for ln in lines] == list(range(1, SFT_STEPS + 1))
     for ln in lines:
-        assert {"loss", "tokens", "grad_norm", "lr", "skipped", "time/step", "tokens_per_s", "flops_per_s"} <= ln.keys()
-        assert ln["skipped"] is False and math.isfinite(ln["loss"]) and ln["lr"] == pytest.approx(1e-2)
+        assert {
+            "loss",
+            "tokens",
+            "grad_norm",
+            "lr",
+            "skipped",
+            "time/step",
+            "tokens_per_s",
+            "flops_per_s",
+        } <= ln.keys()
+        assert (
+            ln["skipped"] is False and math.isfinite(ln["loss"]) and ln["lr"] == pytest.approx(1e-2)
+        )
     loss = [ln["loss"] for ln in lines]
     assert sum(loss[-2:]) / 2 < loss[0] - 0.5, loss
     init, sft = state(tiny_dir), state(ref / "sft" / "final")
@@ -218,12 +277,43 @@ def test_sft_lowers_the_loss_and_changes_the_parameters(ref, tiny_dir):
 def test_oppo_steps_log_every_metric_and_change_the_parameters(ref):
     lines = steps(read_log(ref / "oppo" / "log.jsonl"))
     assert [ln["step"] for ln in lines] == list(range(1, OPPO_STEPS + 1))
-    want = {"loss", "pg_loss", "op_loss", "kl", "kl_visual", "kl_acoustic", "entropy", "ratio_mean",
-            "clip_ratio/low_mean", "clip_ratio/high_mean", "reward", "reward_std", "frac_reward_zero_std",
-            "advantages/mean", "rewards/total", "rewards/acc", "rewards/fmt", "rewards/op", "rewards/op_visual",
-            "rewards/op_acoustic", "rewards/op_emotion", "completion_length", "grad_norm", "lr", "skipped",
-            "time/rollout", "time/reward", "time/masked", "time/update", "time/rollout_generate", "masked_rows",
-            "time/step", "tokens_per_s", "flops_per_s", "sample"}
+    want = {
+        "loss",
+        "pg_loss",
+        "op_loss",
+        "kl",
+        "kl_visual",
+        "kl_acoustic",
+        "entropy",
+        "ratio_mean",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "advantages/mean",
+        "rewards/total",
+        "rewards/acc",
+        "rewards/fmt",
+        "rewards/op",
+        "rewards/op_visual",
+        "rewards/op_acoustic",
+        "rewards/op_emotion",
+        "completion_length",
+        "grad_norm",
+        "lr",
+        "skipped",
+        "time/rollout",
+        "time/reward",
+        "time/masked",
+        "time/update",
+        "time/rollout_generate",
+        "masked_rows",
+        "time/step",
+        "tokens_per_s",
+        "flops_per_s",
+        "sample",
+    }
     for ln in lines:
         assert want <= ln.keys(), want - ln.keys()
         assert ln["skipped"] is False and isinstance(ln["sample"], str)
@@ -239,11 +329,19 @@ def test_oppo_steps_log_every_metric_and_change_the_parameters(ref):
 
 # ---------------------------------------------------------------- 2. two processes, FSDP2
 def test_two_fsdp_processes_give_the_one_process_sft_losses(ref, fsdp):
-    one, two = steps(read_log(ref / "sft" / "log.jsonl")), steps(read_log(fsdp / "sft" / "log.jsonl"))
+    one, two = (
+        steps(read_log(ref / "sft" / "log.jsonl")),
+        steps(read_log(fsdp / "sft" / "log.jsonl")),
+    )
     assert [ln["step"] for ln in two] == list(range(1, SFT_STEPS + 1))
     for key in ("loss", "grad_norm", "tokens"):
-        torch.testing.assert_close(torch.tensor([ln[key] for ln in two]), torch.tensor([ln[key] for ln in one]),
-                                   rtol=1e-4, atol=1e-4, msg=key)
+        torch.testing.assert_close(
+            torch.tensor([ln[key] for ln in two]),
+            torch.tensor([ln[key] for ln in one]),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=key,
+        )
     # the weights too (Adam at lr 1e-2: a wrong gradient moves a tensor by ~1e-2 a step)
     one, two = state(ref / "sft" / "final"), state(fsdp / "sft" / "final")
     for k in one:
@@ -277,7 +375,9 @@ def test_two_fsdp_processes_run_oppo(fsdp):
         assert not ln["skipped"] and ln["ratio_mean"] == pytest.approx(1.0)
         # the loss is the global one (each rank's share times the ranks), the parts the mean of the ranks'
         assert ln["loss"] == pytest.approx(ln["pg_loss"] + ln["op_loss"], rel=0.1)
-        assert ln["tokens"] == pytest.approx(4 * ln["completion_length"])  # B x G = 4 rows over both ranks
+        assert ln["tokens"] == pytest.approx(
+            4 * ln["completion_length"]
+        )  # B x G = 4 rows over both ranks
     assert changed(state(fsdp / "sft" / "final"), state(fsdp / "oppo" / "final"))
 
 
@@ -286,14 +386,18 @@ def test_resume_after_sigkill_continues_exactly(ref, resumed):
     out, step, before = resumed
     assert before >= step  # the killed run logged its steps up to the checkpoint, maybe beyond it
     lines = steps(read_log(out / "sft" / "log.jsonl"))
-    assert [ln["step"] for ln in lines] == list(range(1, SFT_STEPS + 1))  # each step logged once: none lost, none twice
+    assert [ln["step"] for ln in lines] == list(
+        range(1, SFT_STEPS + 1)
+    )  # each step logged once: none lost, none twice
     new, want = lines[step:], steps(read_log(ref / "sft" / "log.jsonl"))[step:]
     for key in ("loss", "grad_norm", "lr"):
         assert [ln[key] for ln in new] == [ln[key] for ln in want], key
     assert not changed(state(ref / "sft" / "final"), state(out / "sft" / "final"))
     # the OPPO stage after it starts from the same weights and RNG: same samples, same losses
     oppo = [(ln["loss"], ln["sample"]) for ln in steps(read_log(out / "oppo" / "log.jsonl"))]
-    assert oppo == [(ln["loss"], ln["sample"]) for ln in steps(read_log(ref / "oppo" / "log.jsonl"))]
+    assert oppo == [
+        (ln["loss"], ln["sample"]) for ln in steps(read_log(ref / "oppo" / "log.jsonl"))
+    ]
 
 
 def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
@@ -312,9 +416,14 @@ def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
 def test_two_fsdp_processes_resume_exactly(fsdp, fsdp_resumed):
     """Sharded model and optimizer state and per-rank RNG, read back by the 2 ranks (the last step
     has a rank without video: parallel.encode_media's blank tower)."""
-    new, want = steps(read_log(fsdp_resumed / "sft" / "log.jsonl")), steps(read_log(fsdp / "sft" / "log.jsonl"))
+    new, want = (
+        steps(read_log(fsdp_resumed / "sft" / "log.jsonl")),
+        steps(read_log(fsdp / "sft" / "log.jsonl")),
+    )
     assert [ln["step"] for ln in new] == [SFT_STEPS - 1, SFT_STEPS]
-    assert [(ln["loss"], ln["grad_norm"]) for ln in new] == [(ln["loss"], ln["grad_norm"]) for ln in want[-2:]]
+    assert [(ln["loss"], ln["grad_norm"]) for ln in new] == [
+        (ln["loss"], ln["grad_norm"]) for ln in want[-2:]
+    ]
     assert not changed(state(fsdp / "sft" / "final"), state(fsdp_resumed / "sft" / "final"))
 
 
@@ -337,6 +446,7 @@ def test_a_killed_save_never_becomes_the_checkpoint(tmp_path, monkeypatch):
 
     def killed(*a):
         raise KeyboardInterrupt("killed before the rename")
+
     with monkeypatch.context() as mp:
         mp.setattr(checkpoint.os, "replace", killed)
         with pytest.raises(KeyboardInterrupt):
@@ -346,7 +456,10 @@ def test_a_killed_save_never_becomes_the_checkpoint(tmp_path, monkeypatch):
     assert checkpoint.load(checkpoint.latest(tmp_path), model, optim) == 2
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert set(optim.state) == set(model["used"].parameters())
-    assert all(torch.equal(optim.state[p]["exp_avg"], m) for p, m in zip(model["used"].parameters(), moments))
+    assert all(
+        torch.equal(optim.state[p]["exp_avg"], m)
+        for p, m in zip(model["used"].parameters(), moments)
+    )
     for step in (4, 6):
         checkpoint.save(tmp_path, step, model, optim)
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000004", "step_0000006"]
@@ -394,8 +507,12 @@ def nan_run(tiny_dir, synth_dir, matcher, batch, tmp_path_factory):
         mp.setattr(train.rollout, "logprobs", nan_logprobs)
         mp.setattr(train, "sft_step", recording_sft_step)
         mp.setattr(train.checkpoint, "export", recording_export)
-        run_inprocess(matcher, **run_args(tiny_dir, synth_dir, out, stages="sft", sft_steps=3, save_every=100,
-                                          eval_limit=1))
+        run_inprocess(
+            matcher,
+            **run_args(
+                tiny_dir, synth_dir, out, stages="sft", sft_steps=3, save_every=100, eval_limit=1
+            ),
+        )
     return out, seen
 
 
@@ -405,7 +522,11 @@ def test_a_nan_loss_skips_the_step(nan_run):
     assert [ln["skipped"] for ln in lines] == [False, True, False]
     assert lines[1]["loss"] == "nan" and lines[1]["grad_norm"] == "nan"
     assert math.isfinite(lines[2]["loss"])
-    before, after, final = seen["weights"][1], seen["weights"][2], seen["weights"][3]  # steps 2 and 3, export
+    before, after, final = (
+        seen["weights"][1],
+        seen["weights"][2],
+        seen["weights"][3],
+    )  # steps 2 and 3, export
     assert not changed(before, after)  # the NaN step wrote nothing
     assert changed(after, final) and all(torch.isfinite(v).all() for v in final.values())
 
@@ -415,4 +536,6 @@ def test_export_reloads_with_the_in_memory_logits(nan_run, batch, tiny_dir):
     final = out / "sft" / "final"
     assert not changed(seen["weights"][3], state(final))
     assert torch.equal(logits(final, batch), seen["logits"])
-    assert not torch.equal(logits(tiny_dir, batch), seen["logits"])  # trained: not the initial model
+    assert not torch.equal(
+        logits(tiny_dir, batch), seen["logits"]
+    )  # trained: not the initial model
