@@ -1,15 +1,18 @@
-"""Checkpoints that survive a kill: sharded training state, and a Hugging Face export.
+"""Checkpoints that survive a kill, and the run's log: a stage can be resumed at any step.
 
 - `save` writes model + optimizer shards with torch.distributed.checkpoint (each rank writes its
   own shard, no gather), plus each rank's RNG state and the step, into `step_XXXXXXX.tmp/`, then
   renames the directory and rewrites `latest` (write, then rename: a process killed mid-write
   leaves the previous checkpoint as the one `latest` names, never a half-valid one).
-- `load` restores all of it, so a resumed run continues with the same next losses.
+- `load` restores all of it, so a resumed run continues with the same next losses; `resume`
+  does so for a stage, learning-rate schedule included.
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
+- `Log` is a stage's log.jsonl, trimmed on resume to the steps the checkpoint holds.
 """
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -78,7 +81,8 @@ def latest(ckpt_dir):
     path = Path(ckpt_dir) / pointer.read_text().strip()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{pointer} names {path}, which does not exist: the checkpoint directory was edited by hand?"
+            f"{pointer} names {path}, which does not exist: "
+            "the checkpoint directory was edited by hand?"
         )
     return path
 
@@ -86,21 +90,25 @@ def latest(ckpt_dir):
 def load(path, model, optim):
     """Restore model, optimizer and this rank's RNG from `path`; returns the saved step."""
     msd, osd = get_state_dict(model, optim)
-    # get_state_dict gives every parameter a blank optimizer state, but one that never had a gradient
-    # (an unused embedding, a tower no clip reached yet) has none saved: leave it without, as it was
+    # get_state_dict gives every parameter a blank optimizer state, but one that never had a
+    # gradient (an unused embedding, a tower no clip reached yet) has none saved: leave it
+    # without, as it was
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    osd["state"] = {
-        k: v for k, v in osd["state"].items() if any(f"optim.state.{k}.{s}" in saved for s in v)
-    }
+    kept = {}
+    for name, moments in osd["state"].items():
+        if any(f"optim.state.{name}.{moment}" in saved for moment in moments):
+            kept[name] = moments
+    osd["state"] = kept
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
+    # not strict: the parameters left without optimizer state above
     set_state_dict(
         model,
         optim,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
         options=StateDictOptions(strict=False),
-    )  # strict: every trainable parameter has state
+    )
     extra_file = Path(path) / f"extra_rank{_rank()}.pt"
     if not extra_file.exists():
         raise FileNotFoundError(
@@ -122,22 +130,62 @@ def export(model, processor, out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=sd)
         processor.save_pretrained(tmp)
-        if out_dir.exists():  # replace only once the new export is complete
+        # replace only once the new export is complete
+        if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     _barrier()
 
 
+def resume(ckpt_dir, model, optim, sched):
+    """Continue a stage from the last checkpoint in ckpt_dir: model, optimizer, RNG and the
+    learning-rate schedule; returns the step to start from (0 without a checkpoint)."""
+    last = latest(ckpt_dir)
+    if last is None:
+        return 0
+    start = load(last, model, optim)
+    sched.last_epoch = start - 1
+    sched.step()
+    return start
+
+
 def trim_log(path, step):
-    """Keep the JSON lines of steps <= step: a run resumed from step `step` logs the later ones again.
-    A last line cut off by a kill goes too. Written to a temp file, then renamed."""
+    """Keep the JSON lines of steps <= step: a run resumed from step `step` logs the later ones
+    again. A last line cut off by a kill goes too. Written to a temp file, then renamed."""
     path = Path(path)
     if not path.exists():
         return
-    lines = [
-        x for x in path.read_text().splitlines(keepends=True) if x.endswith("\n")
-    ]  # not a half-written last
-    keep = [x for x in lines if json.loads(x).get("step", 0) <= step]
+    # not a half-written last line
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
+
+
+class Log:
+    """A stage's log.jsonl, one JSON object a line, written by rank 0 alone (`master`).
+
+    Opened for a run that starts at `start`: the lines of later steps, from a run killed after
+    its last checkpoint, go (they run again and are logged once)."""
+
+    def __init__(self, path, start, master):
+        self.file = None
+        if master:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trim_log(path, start)
+            self.file = open(path, "a")
+
+    def write(self, record):
+        """One line; a non-finite float is written as a string ("nan"), so the line is strict
+        JSON."""
+        if self.file is None:
+            return
+        strict = {}
+        for key, value in record.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                value = str(value)
+            strict[key] = value
+        self.file.write(json.dumps(strict) + "\n")
+        self.file.flush()

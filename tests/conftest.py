@@ -1,5 +1,6 @@
-"""Shared fixtures: one tiny thinker and one small synthetic world per test session."""
+"""Shared fixtures: one tiny thinker and small synthetic worlds per test session."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,31 @@ def synth_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    import model
+    import tiny
 
-    return model.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return tiny.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def manifest_world(tmp_path_factory):
+    """(directory, loaded train records) of a 24/6/6-clip world, seed 7: the data tests' world."""
+    import data
+    import synth
+
+    out = tmp_path_factory.mktemp("world")
+    paths = synth.make_world(out, 24, 6, 6, seed=7, workers=1)
+    return out, data.load_manifest(paths["train"])
+
+
+@pytest.fixture(scope="session")
+def synth_world(tmp_path_factory):
+    """(directory, {split: records as written}) of a 240/60/12-clip world, seed 3, made by two
+    processes: the synthetic world's tests."""
+    import synth
+
+    out = tmp_path_factory.mktemp("synth_world")
+    paths = synth.make_world(out, 240, 60, 12, seed=3, workers=2)
+    records = {}
+    for split, path in paths.items():
+        records[split] = [json.loads(line) for line in open(path)]
+    return out, records

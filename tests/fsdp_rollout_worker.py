@@ -10,44 +10,46 @@ import sys
 import torch
 import torch.distributed as dist
 
+import batching
 import data
-import model as policy_lib
+import model
 import parallel
 import rollout
+import scoring
+from media import load_media
 
 tiny, world_dir, out = sys.argv[1:4]
 distributed = "RANK" in os.environ
 if distributed:
     dist.init_process_group("gloo")
-policy, processor = policy_lib.load_policy(tiny)
-ref = policy_lib.load_policy(tiny)[0].requires_grad_(False)
-with torch.no_grad():  # a reference that differs from the policy, so the ref pass is checked
-    for p in ref.parameters():
-        p.mul_(0.9)
+policy, processor = model.load_policy(tiny)
+ref = model.load_policy(tiny)[0].requires_grad_(False)
+# a reference that differs from the policy, so the ref pass is checked
+with torch.no_grad():
+    for param in ref.parameters():
+        param.mul_(0.9)
 if distributed:
     parallel.shard(policy)
     parallel.shard(ref)
-recs = [
-    r
-    for r in data.load_manifest(os.path.join(world_dir, "train.jsonl"))
-    if r.get("video") and r.get("audio")
-][:2]
-media = data.encode(processor, recs, [data.load_media(r, 4) for r in recs])
-torch.manual_seed(7)  # every rank samples the same rows: the sharded model must match the whole one
+manifest = data.load_manifest(os.path.join(world_dir, "train.jsonl"))
+recs = [r for r in manifest if r.get("video") and r.get("audio")][:2]
+media = batching.encode(processor, recs, [load_media(r, 4) for r in recs])
+# every rank samples the same rows: the sharded model must match the whole one
+torch.manual_seed(7)
 roll = rollout.rollout(policy, processor, recs, media, G=3, ref=ref, max_new_tokens=10)
 rank = dist.get_rank() if distributed else 0
 every = torch.ones(6, dtype=torch.bool)
 mv, ma = rollout.masked_logprobs(policy, roll, every, every, micro_batch=4)
 # ragged ranks: rank 0 scores no row under x\v and every other row under x\a, rank 1 all; no hang
-some = rollout.masked_logprobs(
-    policy, roll, every & (rank == 1), torch.arange(6) % (2 - rank) == 0, micro_batch=4
-)
+need_v = every & (rank == 1)
+need_a = torch.arange(6) % (2 - rank) == 0
+some = rollout.masked_logprobs(policy, roll, need_v, need_a, micro_batch=4)
 # and rank r stops after 4 + 4r tokens; synced_gpus keeps the collectives in step
 with torch.no_grad():
-    inputs = rollout.expand(
-        media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
-    )
-with rollout.unsharded(policy):
+    video = scoring.encode_video(policy, media)
+    audio = scoring.encode_audio(policy, media)
+    inputs = scoring.expand(media, 1, video, audio)
+with parallel.unsharded(policy):
     ids, _, _ = rollout.generate(policy, processor, inputs, max_new_tokens=4 + 4 * rank)
 lengths = [ids.shape[1]]
 if distributed:

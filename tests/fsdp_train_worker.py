@@ -1,10 +1,12 @@
 """Gradients of train.sft_step on global batches where one rank's clips lack a medium.
 
-    python fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt                          # 1 process, whole batches
-    torchrun --nproc_per_node=2 fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt    # rank r takes clips r::2
+    # 1 process, whole batches
+    python fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt
+    # rank r takes clips r::2
+    torchrun --nproc_per_node=2 fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt
 
-Under FSDP2 every rank must run every unit (parallel.encode_media); this saves, per batch, the full
-gradient of every parameter, which must equal the 1-process gradient of the same global batch.
+Under FSDP2 every rank must run every unit (scoring.encode_media); this saves, per batch, the
+full gradient of every parameter, which must equal the 1-process gradient of the same global batch.
 Under torchrun it then runs one OPPO step (plain GRPO, micro-batches of one clip) on such clips.
 """
 
@@ -14,8 +16,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+import batching
+import config
 import data
-import model as policy_lib
+import model
 import parallel
 import train
 
@@ -25,14 +29,13 @@ if "RANK" in os.environ:
 else:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 rank, world = dist.get_rank(), dist.get_world_size()
-policy, processor = policy_lib.load_policy(tiny)
+policy, processor = model.load_policy(tiny)
 parallel.shard(policy)
-recs = parallel.load_manifest(os.path.join(world_dir, "train.jsonl"))  # not on both ranks at once
-kind = {
-    k: [r for r in recs if ("video" in r, "audio" in r) == k]
-    for k in ((True, True), (False, True), (True, False))
-}
-both, no_video, no_audio = kind[(True, True)], kind[(False, True)], kind[(True, False)]
+# not on both ranks at once
+recs = parallel.from_rank0(data.load_manifest, os.path.join(world_dir, "train.jsonl"))
+both = [r for r in recs if "video" in r and "audio" in r]
+no_video = [r for r in recs if "video" not in r and "audio" in r]
+no_audio = [r for r in recs if "video" in r and "audio" not in r]
 # global batches of 4, rank r gets clips r::2: (rank 0's clips, rank 1's clips)
 cases = {
     "rank0_no_video": (no_video[:2], both[:2]),
@@ -40,25 +43,28 @@ cases = {
     "no_video_and_no_audio": (no_video[2:4], no_audio[:2]),
 }
 grads = {}
-for name, (r0, r1) in cases.items():
-    batch = [r for pair in zip(r0, r1) for r in pair][rank::world]
-    m = train.sft_step(
-        None, policy, processor, batch, data.encode(processor, batch, frames=4), world
-    )
-    if world > 1:
-        policy.reshard()  # as train.run_stage: the root's parameters are the sharded ones again
-    full = {
-        n: None
-        if p.grad is None
-        else p.grad.full_tensor()
-        if hasattr(p.grad, "full_tensor")
-        else p.grad.clone()
-        for n, p in policy.named_parameters()
-    }
-    grads[name] = {"loss": parallel.global_sum(m["loss"])[0] / world, "grads": full}
+for case, (rank0_clips, rank1_clips) in cases.items():
+    interleaved = []
+    for pair in zip(rank0_clips, rank1_clips):
+        interleaved.extend(pair)
+    batch = interleaved[rank::world]
+    media = batching.encode(processor, batch, frames=4)
+    metrics = train.sft_step(None, policy, processor, batch, media, world)
+    # as update.optimizer_step: the root's parameters are the sharded ones again
+    parallel.reshard_after_step(policy)
+    full = {}
+    for name, param in policy.named_parameters():
+        grad = param.grad
+        if grad is not None and hasattr(grad, "full_tensor"):
+            grad = grad.full_tensor()
+        elif grad is not None:
+            grad = grad.clone()
+        full[name] = grad
+    grads[case] = {"loss": parallel.global_sum(metrics["loss"])[0] / world, "grads": full}
     policy.zero_grad(set_to_none=True)
-if world > 1:  # OPPO: the rollout, then micro-batches of one clip with and without each medium
-    args = train.Args(
+# OPPO: the rollout, then micro-batches of one clip with and without each medium
+if world > 1:
+    args = config.Args(
         profile="cpu",
         G=2,
         max_new_tokens=6,
@@ -66,25 +72,16 @@ if world > 1:  # OPPO: the rollout, then micro-batches of one clip with and with
         perception_reward=False,
         perception_loss=False,
     )
-    for k, v in train.CPU.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    for key, value in config.CPU.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     batch = [no_video[4], no_audio[0]] if rank == 0 else [both[0], no_video[5]]
-    m = train.oppo_step(
-        args,
-        policy,
-        None,
-        processor,
-        None,
-        batch,
-        data.encode(processor, batch, frames=4),
-        {},
-        world,
-        0,
-    )
-    policy.reshard()
+    media = batching.encode(processor, batch, frames=4)
+    metrics = train.oppo_step(args, policy, None, processor, None, batch, media, world, 0)
+    parallel.reshard_after_step(policy)
     gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     grads["oppo"] = {
-        "loss": parallel.global_sum(m["loss"])[0] / world,
+        "loss": parallel.global_sum(metrics["loss"])[0] / world,
         "grad_norm": float(gnorm.full_tensor()),
     }
 if rank == 0:

@@ -1,18 +1,19 @@
-"""bench.py at a toy size: every count of a GRPO and an OPPO step and of the levers against the
-formula written out here; the FLOP counter (flops.py) against its formula; the 3B/7B shapes; and the FSDP2
-lever (2 gloo ranks): generate gathers each unit once inside rollout.unsharded, per forward without.
+"""tools/bench.py at a toy size: every count of a GRPO and an OPPO step and of the levers against
+the formula written out here; the FLOP counter (tools/flops.py) against its formula; the 3B/7B
+shapes; and the FSDP2 lever (2 gloo ranks): generate gathers each unit once inside
+parallel.unsharded, per forward without.
 
 Run as a script under torchrun, this file is that 2-rank worker and prints its timings:
     python -m torch.distributed.run --nproc_per_node=2 tests/test_bench.py runs/bench B G TOKENS
 """
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,26 +21,22 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402
+import batching  # noqa: E402
 import data  # noqa: E402
-import flops  # noqa: E402
-import model as policy_lib  # noqa: E402
+import model  # noqa: E402
 import rollout  # noqa: E402
+import scoring  # noqa: E402
+from tools import bench, flops, measure, shapes  # noqa: E402
 
-B, G, C, T = (
-    2,
-    2,
-    6,
-    3,
-)  # clips, completions per clip, completion tokens, tokens in the generate levers
+# clips, completions per clip, completion tokens, tokens in the generate levers
+B, G, C, T = 2, 2, 6, 3
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_dir):
     out = tmp_path_factory.mktemp("bench")
-    shutil.copytree(
-        tiny_dir, out / "tiny"
-    )  # the session's tiny thinker; bench.py builds its 8-frame world
+    # the session's tiny thinker; tools/bench.py builds its 8-frame world
+    shutil.copytree(tiny_dir, out / "tiny")
     threads = torch.get_num_threads()
     try:
         res = bench.main(
@@ -65,38 +62,32 @@ def run(tmp_path_factory, tiny_dir):
             ]
         )
     finally:
-        torch.set_num_threads(
-            threads
-        )  # bench.py runs on one thread; the rest of the session keeps its own
-        if (
-            dist.is_initialized()
-        ):  # bench.py's one-process group must not meet train.py's in a later test
+        # tools/bench.py runs on one thread; the rest of the session keeps its own
+        torch.set_num_threads(threads)
+        # tools/bench.py's one-process group must not meet train.py's in a later test
+        if dist.is_initialized():
             dist.destroy_process_group()
-    processor = policy_lib.load_policy(out / "tiny")[1]
-    recs = [
-        r
-        for r in data.load_manifest(out / "synth" / "train.jsonl")
-        if r.get("video") and r.get("audio")
-    ]
-    P = data.encode(processor, recs[:B], frames=4)["input_ids"].shape[
-        1
-    ]  # the batch's padded prompt length
+    processor = model.load_policy(out / "tiny")[1]
+    manifest = data.load_manifest(out / "synth" / "train.jsonl")
+    recs = [r for r in manifest if r.get("video") and r.get("audio")]
+    # the batch's padded prompt length
+    P = batching.encode(processor, recs[:B], frames=4)["input_ids"].shape[1]
     return out, res, P
 
 
 def test_step_counts(run):
-    """Each tower runs once a clip per pass (B clips, not B*G); the LM head sees completion positions
-    only (C + 1 a row), one LM forward per scoring pass, C in generate. The masked passes score the
-    rows with evidence: none from a random thinker (no reasoning), all N when every token is routed."""
+    """Each tower runs once a clip per pass (B clips, not B*G); the LM head sees completion
+    positions only (C + 1 a row), one LM forward per scoring pass, C in generate. The masked passes
+    score the rows with evidence: none from a random thinker (no reasoning), all N when every
+    token is routed."""
     _, res, P = run
     N = B * G
     for name, r in ((k, rs[0]) for k, rs in res["step"].items()):
         assert r["C"] == C and all(r[k] > 0 for k in ("step", "generate", "update", "peak_mb")), (
             name
         )
-        masked = (
-            name == "oppo_every_token"
-        )  # x\v (video re-encoded, audio shared), x\a (the other way round)
+        # x\v (video re-encoded, audio shared), x\a (the other way round)
+        masked = name == "oppo_every_token"
         assert r["masked_rows"] == 2 * N * masked, name
         want = {
             "policy.vision_calls": 1 + masked,
@@ -122,9 +113,8 @@ def test_step_counts(run):
                 }
             )
         assert {k: r.get(k) for k in want} == want, name
-        assert name != "oppo_beta0" or not any(
-            k.startswith("ref.") for k in r
-        )  # beta = 0: no reference forward
+        # beta = 0: no reference forward
+        assert name != "oppo_beta0" or not any(k.startswith("ref.") for k in r)
 
 
 def test_lever_counts(run):
@@ -139,15 +129,12 @@ def test_lever_counts(run):
         lev["lm_head_rows"]["A"]["policy.head_rows"],
         lev["lm_head_rows"]["B"]["policy.head_rows"],
     ) == (N * (C + 1), N * (P + C))
-    assert lev["kv_cache"]["A"]["policy.lm_tokens"] == N * P + N * (
-        T - 1
-    )  # the prompt once, then a token a step
-    assert lev["kv_cache"]["B"]["policy.lm_tokens"] == sum(
-        N * (P + t) for t in range(T)
-    )  # no cache: all again
-    assert (
-        "policy.audio_calls" not in lev["kv_cache"]["B"]
-    )  # the shared audio features: no tower in generate
+    # the prompt once, then a token a step
+    assert lev["kv_cache"]["A"]["policy.lm_tokens"] == N * P + N * (T - 1)
+    # no cache: all again
+    assert lev["kv_cache"]["B"]["policy.lm_tokens"] == sum(N * (P + t) for t in range(T))
+    # the shared audio features: no tower in generate
+    assert "policy.audio_calls" not in lev["kv_cache"]["B"]
     calls = [lev["batched_generate"][ab]["policy.lm_calls"] for ab in "AB"]
     assert calls == [T, G * T]  # one batched generate vs G calls of B rows
     assert (
@@ -170,14 +157,13 @@ def test_lm_flops_is_the_formula():
 
 
 def test_step_flops_and_shapes(tiny_dir):
-    model = policy_lib.load_policy(tiny_dir)[0]
-    lm = model.model.language_model
-    n = sum(p.numel() for p in lm.layers.parameters()) + sum(
-        p.numel() for p in lm.norm.parameters()
-    )
-    text, H = model.config.text_config, model.lm_head.weight.numel()
+    policy = model.load_policy(tiny_dir)[0]
+    lm = policy.model.language_model
+    layer_params = sum(p.numel() for p in lm.layers.parameters())
+    n = layer_params + sum(p.numel() for p in lm.norm.parameters())
+    text, H = policy.config.text_config, policy.lm_head.weight.numel()
     d, L = text.hidden_size, text.num_hidden_layers
-    assert flops.lm_shape(model) == (n, L, d, H)
+    assert flops.lm_shape(policy) == (n, L, d, H)
     rows, prompt, comp = 8, 800, 160  # T = 120: train once, 3 scoring passes + generate
     want = (
         (6 * n + 12 * L * d * 120) * 960
@@ -185,7 +171,7 @@ def test_step_flops_and_shapes(tiny_dir):
         + 6 * H * (comp + rows)
         + 2 * H * (3 * (comp + rows) + comp)
     )
-    assert flops.step_flops(model, rows, prompt, comp, 3) == pytest.approx(want)
+    assert flops.step_flops(policy, rows, prompt, comp, 3) == pytest.approx(want)
 
 
 @pytest.mark.parametrize(
@@ -195,14 +181,13 @@ def test_step_flops_and_shapes(tiny_dir):
 def test_real_shapes(tiny_dir, name, layers, d, kv, ff, vocab):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    tok = policy_lib.load_policy(tiny_dir)[1].tokenizer
+    tok = model.load_policy(tiny_dir)[1].tokenizer
     with torch.device("meta"):  # shapes only, no memory
-        model = Qwen2_5OmniThinkerForConditionalGeneration(bench.real_config(name, tok))
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration(shapes.real_config(name, tok))
     kv_dim = kv * 128
-    layer = (
-        (d * d + d) + 2 * (d * kv_dim + kv_dim) + d * d + 3 * d * ff + 2 * d
-    )  # q, k, v (biased), o, MLP, norms
-    assert flops.lm_shape(model) == (layers * layer + d, layers, d, vocab * d)
+    # q, k, v (biased), o, MLP, norms
+    layer = (d * d + d) + 2 * (d * kv_dim + kv_dim) + d * d + 3 * d * ff + 2 * d
+    assert flops.lm_shape(thinker) == (layers * layer + d, layers, d, vocab * d)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
@@ -212,8 +197,9 @@ def test_real_config_refuses_without_gpu():
 
 
 def test_fsdp_unsharded_gathers_once(run):
-    """FSDP2 units: 2 decoder layers, vision, audio, root. Generating T tokens re-gathers the layers
-    and the root at every forward unless rollout.unsharded (the towers ran before: features shared)."""
+    """FSDP2 units: 2 decoder layers, vision, audio, root. Generating T tokens re-gathers the
+    layers and the root at every forward unless parallel.unsharded (the towers ran before:
+    features shared)."""
     out = run[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -241,54 +227,49 @@ def test_fsdp_unsharded_gathers_once(run):
 
 
 def fsdp_worker(out, b, g, tokens):
-    """Rank r of 2: median seconds and parameter all-gathers of generate with and without unsharded."""
+    """Rank r of 2: median seconds and parameter all-gathers of generate, with and without
+    parallel.unsharded."""
     import data
     import parallel
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)  # one core each
-    policy, processor = policy_lib.load_policy(Path(out) / "tiny")
-    parallel.shard(
-        policy
-    )  # FSDP2 units: each decoder layer, the vision tower, the audio tower, the root
-    recs = [
-        r
-        for r in data.load_manifest(Path(out) / "synth" / "train.jsonl")
-        if r.get("video") and r.get("audio")
-    ]
-    media = data.encode(processor, recs[:b], frames=4)
-    ctx, gather = argparse.Namespace(n=defaultdict(Counter)), dist.all_gather_into_tensor
-    bench.count_hooks(ctx.n, policy=policy)
-    dist.all_gather_into_tensor = lambda *x, **kw: (
-        ctx.n["fsdp"].update(gathers=1) or gather(*x, **kw)
-    )  # FSDP2's
+    policy, processor = model.load_policy(Path(out) / "tiny")
+    # FSDP2 units: each decoder layer, the vision tower, the audio tower, the root
+    parallel.shard(policy)
+    manifest = data.load_manifest(Path(out) / "synth" / "train.jsonl")
+    recs = [r for r in manifest if r.get("video") and r.get("audio")]
+    media = batching.encode(processor, recs[:b], frames=4)
+    counts = defaultdict(Counter)
+    measure.count_hooks(counts, policy=policy)
+    gather = dist.all_gather_into_tensor
+
+    def counted_gather(*args, **kwargs):
+        counts["fsdp"].update(gathers=1)
+        return gather(*args, **kwargs)
+
+    # FSDP2 gathers a unit's parameters with dist.all_gather_into_tensor: count its calls
+    dist.all_gather_into_tensor = counted_gather
     policy.generation_config.min_new_tokens = tokens
     with torch.no_grad():
-        inputs = rollout.expand(
-            media, g, rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
+        inputs = scoring.expand(
+            media, g, scoring.encode_video(policy, media), scoring.encode_audio(policy, media)
         )
 
     def gen(unshard):
-        with rollout.unsharded(policy) if unshard else torch.no_grad():
+        with parallel.unsharded(policy) if unshard else torch.no_grad():
             rollout.generate(policy, processor, inputs, max_new_tokens=tokens)
 
-    runs = bench.interleave(
-        {
-            "per_forward": lambda i: bench.timed(ctx, lambda: gen(False)),
-            "unsharded": lambda i: bench.timed(ctx, lambda: gen(True)),
-        },
-        1,
-        3,
-    )
+    rounds = {
+        "per_forward": partial(measure.timed_round, counts, partial(gen, False)),
+        "unsharded": partial(measure.timed_round, counts, partial(gen, True)),
+    }
+    runs = measure.interleave(rounds, 1, 3)
     if dist.get_rank() == 0:
-        print(
-            json.dumps(
-                {
-                    k: {"t": bench.med(rs, "t"), "gathers": rs[-1]["fsdp.gathers"]}
-                    for k, rs in runs.items()
-                }
-            )
-        )
+        summary = {}
+        for name, rs in runs.items():
+            summary[name] = {"t": measure.med(rs, "t"), "gathers": rs[-1]["fsdp.gathers"]}
+        print(json.dumps(summary))
     dist.destroy_process_group()
 
 

@@ -10,13 +10,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
-import reward  # noqa: E402
+import metrics  # noqa: E402
+import report as R  # noqa: E402
 import synth  # noqa: E402
+from matcher import Matcher  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def matcher():
-    return reward.Matcher()  # ~3.5 s: once per module
+    return Matcher()  # ~3.5 s: once per module
 
 
 # ---------------------------------------------------------------- recognition
@@ -24,43 +26,38 @@ def test_war_uar_by_hand():
     # "joy" normalises to happy; None (unparseable) is wrong; angry is never predicted
     preds = ["happy", "happy", "sad", None, "Joy!", "surprise"]
     labels = ["happy", "sad", "sad", "angry", "happy", "sad"]
-    out = E.war_uar(preds, labels)
+    out = metrics.war_uar(preds, labels)
     assert out["war"] == pytest.approx(3 / 6)
     assert out["recall"] == pytest.approx({"happy": 1.0, "sad": 1 / 3, "angry": 0.0})
     assert out["uar"] == pytest.approx((1.0 + 1 / 3 + 0.0) / 3)  # only classes in the ground truth
-    empty = E.war_uar([None, None], ["happy", "sad"])
+    empty = metrics.war_uar([None, None], ["happy", "sad"])
     assert (empty["war"], empty["uar"]) == (0.0, 0.0)
     with pytest.raises(ValueError):
-        E.war_uar(["happy"], ["happy", "sad"])
+        metrics.war_uar(["happy"], ["happy", "sad"])
 
 
 def test_hit_rate_by_hand():
     preds = ["joyful, calm", "neutral", "happy", None, "flabbergasted"]
     labels = ["happy", "neutral", "sad", "angry", "surprise"]
-    # neutral ground truth excluded; hits: happy (joyful), misses: sad, angry (no answer), surprise (unseen word)
-    assert E.hit_rate(preds, labels) == (pytest.approx(1 / 4), 4)
-    assert E.hit_rate(["neutral", "happy"], ["neutral", "calm"]) == (
-        None,
-        0,
-    )  # neutral-only ground truth
+    # neutral ground truth excluded; hits: happy (joyful); misses: sad, angry (no answer),
+    # surprise (unseen word)
+    assert metrics.hit_rate(preds, labels) == (pytest.approx(1 / 4), 4)
+    # neutral-only ground truth
+    assert metrics.hit_rate(["neutral", "happy"], ["neutral", "calm"]) == (None, 0)
     wheel = {"flabbergasted": "surprise", "surprise": "surprise"}
-    assert E.hit_rate(preds, labels, wheel=wheel) == (pytest.approx(2 / 4), 4)
+    assert metrics.hit_rate(preds, labels, wheel=wheel) == (pytest.approx(2 / 4), 4)
 
 
 def test_open_vocab_prf_by_hand():
     preds = ["happy, excited, tired", "", "sad", None]
-    labels = [
-        ["happy"],
-        ["angry", "sad"],
-        "sad, worried and angry",
-        [],
-    ]  # the last has no ground truth
+    # the last has no ground truth
+    labels = [["happy"], ["angry", "sad"], "sad, worried and angry", []]
     precision = [1 / 2, 0.0, 1.0]  # excited -> happy, so P = {happy, tired}; empty prediction -> 0
     recall = [1.0, 0.0, 1 / 3]
     P, R = sum(precision) / 3, sum(recall) / 3
-    assert E.open_vocab_prf(preds, labels) == pytest.approx((P, R, 2 * P * R / (P + R), 3))
-    assert E.open_vocab_prf([None], ["happy"]) == pytest.approx((0.0, 0.0, 0.0, 1))
-    assert E.open_vocab_prf([], []) == (None, None, None, 0)
+    assert metrics.open_vocab_prf(preds, labels) == pytest.approx((P, R, 2 * P * R / (P + R), 3))
+    assert metrics.open_vocab_prf([None], ["happy"]) == pytest.approx((0.0, 0.0, 0.0, 1))
+    assert metrics.open_vocab_prf([], []) == (None, None, None, 0)
 
 
 def test_sentiment_by_hand():
@@ -76,10 +73,10 @@ def test_sentiment_by_hand():
         f1[c] = 2 * prec * rec / (prec + rec)
     waf = sum(f1[c] * sum(g == c for g in gold) / len(gold) for c in f1)
     assert waf == pytest.approx(0.6)
-    assert E.sentiment(preds, labels) == pytest.approx((waf, 3 / 5, 5))
+    assert metrics.sentiment(preds, labels) == pytest.approx((waf, 3 / 5, 5))
     # a record's numeric valence overrides its label; no non-zero valence: nothing to score
-    assert E.sentiment(["happy"], ["neutral"], [0.7]) == pytest.approx((1.0, 1.0, 1))
-    assert E.sentiment(["happy"], ["neutral"]) == (None, None, 0)
+    assert metrics.sentiment(["happy"], ["neutral"], [0.7]) == pytest.approx((1.0, 1.0, 1))
+    assert metrics.sentiment(["happy"], ["neutral"]) == (None, None, 0)
 
 
 def test_load_wheels_and_mean_over_wheels(tmp_path, matcher):
@@ -88,7 +85,7 @@ def test_load_wheels_and_mean_over_wheels(tmp_path, matcher):
         (tmp_path / f"wheel{k}.csv").write_text(
             f"word,cluster\n# wheel {k}\nSurprise, astonishment\n{extra}\nhappy\tjoy\n"
         )
-    wheels = E.load_wheels(tmp_path)
+    wheels = metrics.load_wheels(tmp_path)
     assert len(wheels) == 5 and wheels[0] == {
         "surprise": "astonishment",
         "flabbergasted": "astonishment",
@@ -108,25 +105,26 @@ def test_load_wheels_and_mean_over_wheels(tmp_path, matcher):
     assert E.score(recs, texts, matcher)["metrics"]["hit"] == pytest.approx(1 / 2)  # built-in map
     (tmp_path / "wheel6.csv").write_text("happy,joy\nbroken line with no comma\n")
     with pytest.raises(ValueError, match="wheel6.csv:2"):
-        E.load_wheels(tmp_path)
+        metrics.load_wheels(tmp_path)
     with pytest.raises(FileNotFoundError, match="nowheels"):
-        E.load_wheels(tmp_path / "nowheels")
+        metrics.load_wheels(tmp_path / "nowheels")
 
 
 # ---------------------------------------------------------------- MEP-Bench pieces
 def test_recovered_share_and_chair():
     S = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.59, 0.6]])  # (K=2 clauses, J=3 cues)
-    assert E.recovered_share(S, theta=0.6) == pytest.approx(2 / 3)  # the 0.59 cue is missed
-    assert E.recovered_share(torch.zeros(2, 0)) is None  # no cues: not counted
-    assert E.recovered_share(torch.zeros(0, 3)) == 0.0  # no clauses: nothing recovered
+    assert metrics.recovered_share(S, theta=0.6) == pytest.approx(2 / 3)  # the 0.59 cue is missed
+    assert metrics.recovered_share(torch.zeros(2, 0)) is None  # no cues: not counted
+    assert metrics.recovered_share(torch.zeros(0, 3)) == 0.0  # no clauses: nothing recovered
     counts = [
         {"visual": 1, "acoustic": 3},
         {"visual": 0, "acoustic": 0},
         {"visual": 2, "acoustic": 0},
     ]
-    assert E.chair(counts, "visual") == pytest.approx((3 / 6, 3 / 6, 2 / 3))  # CHAIR, F, CHAIR_s
-    assert E.chair(counts, "acoustic") == pytest.approx((3 / 6, 3 / 6, 1 / 3))
-    assert E.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)  # no claims
+    # (CHAIR, F, CHAIR_s)
+    assert metrics.chair(counts, "visual") == pytest.approx((3 / 6, 3 / 6, 2 / 3))
+    assert metrics.chair(counts, "acoustic") == pytest.approx((3 / 6, 3 / 6, 1 / 3))
+    assert metrics.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)  # no claims
 
 
 def world_records(n, scenarios=("both", "face_only", "voice_only", "subtitle"), detail_p=0.5):
@@ -165,9 +163,11 @@ def test_perfect_run_scores_one(matcher):
     recs = world_records(12)
     texts = {
         "full": [f"<think>{r['reasoning']}</think><answer>{r['label']}</answer>" for r in recs],
-        "no_video": [completion(r, visual=False) for r in recs],  # mentions only the audio
+        # mentions only the audio
+        "no_video": [completion(r, visual=False) for r in recs],
+        # mentions only the video
         "no_audio": [completion(r, acoustic=False) for r in recs],
-    }  # mentions only the video
+    }
     report = E.score(recs, texts, matcher)
     m, c = report["metrics"], report["counts"]
     for k in (
@@ -192,9 +192,8 @@ def test_perfect_run_scores_one(matcher):
         == m["CHAIR_s_acoustic"]
         == 0.0
     )
-    assert (
-        c["U_visual"] == 9 and c["U_acoustic"] == 9
-    )  # voice_only / face_only records have no such cues
+    # voice_only / face_only records have no such cues
+    assert c["U_visual"] == 9 and c["U_acoustic"] == 9
     assert c["claims_no_video"]["visual"] == 0 and c["claims_no_video"]["acoustic"] > 0
     assert set(report["per_scenario"]) == {"both", "face_only", "voice_only", "subtitle"}
     assert report["per_scenario"]["both"]["counts"]["n"] == 3
@@ -206,12 +205,13 @@ def test_reciting_both_modalities_is_unfaithful(matcher):
     recs = world_records(6, scenarios=("both",), detail_p=0.0)  # 2 visual + 2 acoustic cues each
     recite = [completion(r) for r in recs]
     m = E.score(recs, {"full": recite, "no_video": recite, "no_audio": recite}, matcher)["metrics"]
-    # Half of all sensory claims are about the masked modality: CHAIR = 1/2 (SPEC section 7), and
-    # every sample makes a claim about it: the sample-level CHAIR_s = 1, i.e. faithfulness 0
+    # Half of all sensory claims are about the masked modality: CHAIR = 1/2 (docs/method.md,
+    # section 7), and every sample makes a claim about it: the sample-level CHAIR_s = 1, i.e.
+    # faithfulness 0
     assert m["U"] == pytest.approx(1.0)
     assert m["F_visual"] == pytest.approx(0.5) and m["F_acoustic"] == pytest.approx(0.5)
     assert m["CHAIR_s_visual"] == m["CHAIR_s_acoustic"] == 1.0
-    # Reciting only what is masked (the hallucination SYNTH_NOTES saw) scores 0
+    # Reciting only what is masked (claims about exactly what cannot be perceived) scores 0
     only_v, only_a = (
         [completion(r, acoustic=False) for r in recs],
         [completion(r, visual=False) for r in recs],
@@ -235,14 +235,14 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
     good = {run: [completion(r) for r in recs] for run in E.MASKS}
     bad = {run: ["<think>hmm</think><answer>sad</answer>"] * 6 for run in E.MASKS}
     for name, texts in (("base", bad), ("ours", good)):
-        E.save_report(E.score(recs, texts, matcher), tmp_path / f"{name}.json")
+        R.save(E.score(recs, texts, matcher), tmp_path / f"{name}.json")
     assert not list(tmp_path.glob("*.tmp"))
     png = tmp_path / "cmp.png"
     E.main(
         ["--compare", str(tmp_path / "base.json"), str(tmp_path / "ours.json"), "--plot", str(png)]
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "| metric | base | ours |" and len(out) == 2 + len(E.KEYS)
+    assert out[0] == "| metric | base | ours |" and len(out) == 2 + len(R.KEYS)
     assert "| war | 0.167 | 1.000 |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "broken.json").write_text("{not json")
@@ -253,9 +253,9 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
 
 
 def test_cli_on_tiny_model(tmp_path, capsys):
-    import model
+    from tiny import build_tiny
 
-    tiny = model.build_tiny(tmp_path / "tiny")
+    tiny = build_tiny(tmp_path / "tiny")
     paths = synth.make_world(tmp_path / "synth", n_train=0, n_val=0, n_test=6, seed=0)
     out = tmp_path / "report.json"
     E.main(
@@ -274,12 +274,12 @@ def test_cli_on_tiny_model(tmp_path, capsys):
             "2",
         ]
     )
-    report = E.read_report(out)
+    report = R.load(out)
     assert (
         report["counts"]["n"] == 5 and report["settings"]["n"] == 5 and report["settings"]["greedy"]
     )
-    assert set(E.KEYS) <= set(report["metrics"])
-    assert all(0.0 <= v <= 1.0 for v in E.summary(report).values() if v is not None)
+    assert set(R.KEYS) <= set(report["metrics"])
+    assert all(0.0 <= v <= 1.0 for v in R.summary(report).values() if v is not None)
     assert len(report["examples"]) == 3 and all(
         isinstance(e["no_video"], str) for e in report["examples"]
     )

@@ -1,49 +1,20 @@
-"""Tests for model.py (SPEC section 9): the tiny thinker and processor round-trip through
-save_pretrained / load_policy exactly, a full Qwen2.5-Omni checkpoint (thinker + talker +
-token2wav) loads as its thinker alone, the processor expands video and audio placeholders that
-the model reads, and bad model directories fail with errors that name the path."""
+"""model.py: parameter counts, the processor expands video and audio placeholders that the thinker
+reads, left-padded batches and generation, and a full Qwen2.5-Omni checkpoint (thinker + talker +
+token2wav) loads as its thinker alone (docs/method.md, section 9). Bad model directories are in
+test_model_dirs.py."""
 
 import json
-import re
-import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from thinker_inputs import encode_prompt, logits, random_media
 from torch.testing import assert_close
 from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni
 
-import model
-from model import (
-    NAMED_TOKENS,
-    ModelDirError,
-    build_tiny,
-    lm_params,
-    load_policy,
-    num_params,
-    tiny_config,
-    tiny_processor,
-    video_kwargs,
-)
-
-PROMPT = [
-    {
-        "role": "user",
-        "content": [
-            {"type": "video"},
-            {"type": "audio"},
-            {"type": "text", "text": "What emotion does the person feel? Think, then answer."},
-        ],
-    }
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny") / "tiny", seed=0)
+from model import lm_params, load_policy, num_params, video_kwargs
+from tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -52,150 +23,9 @@ def policy(tiny_dir):
     return thinker.eval(), processor
 
 
-def media(seed, n=2):
-    g = np.random.default_rng(seed)
-    videos = [
-        torch.from_numpy(g.integers(0, 256, (4, 56, 56, 3), dtype=np.uint8)) for _ in range(n)
-    ]
-    audios = [
-        (0.1 * g.standard_normal(32000)).astype(np.float32) for _ in range(n)
-    ]  # 2 s at 16 kHz
-    return videos, audios
-
-
-def encode(processor, videos, audios):
-    text = processor.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    return processor(
-        text=[text] * len(videos),
-        videos=videos,
-        audio=audios,
-        use_audio_in_video=False,
-        videos_kwargs=video_kwargs(processor),
-        return_tensors="pt",
-    )
-
-
 @pytest.fixture(scope="module")
 def batch(policy):
-    return encode(policy[1], *media(0))
-
-
-def logits(thinker, batch):
-    with torch.no_grad():
-        return thinker(**batch).logits
-
-
-# build_tiny -> save_pretrained -> load_policy ------------------------------------------------
-
-
-def test_round_trip_gives_identical_logits(policy, batch, tmp_path):
-    thinker, processor = policy
-    # The same construction as build_tiny, in memory: the saved weights are the built ones.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        reference = model.Qwen2_5OmniThinkerForConditionalGeneration(
-            tiny_config(processor.tokenizer)
-        ).eval()
-    assert_close(logits(thinker, batch), logits(reference, batch), rtol=0, atol=0)
-    # And a second save/load of the loaded policy changes nothing, processor included.
-    thinker.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    thinker2, processor2 = load_policy(tmp_path)
-    batch2 = encode(processor2, *media(0))
-    assert batch2.keys() == batch.keys()
-    for key in batch:
-        assert_close(batch2[key], batch[key], rtol=0, atol=0)
-    assert_close(logits(thinker2.eval(), batch2), logits(thinker, batch), rtol=0, atol=0)
-
-
-def test_build_tiny_is_seeded(tiny_dir, tmp_path):
-    def weights(path):
-        with safe_open(path / "model.safetensors", "pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-
-    state = torch.random.get_rng_state()
-    same, other = (
-        weights(build_tiny(tmp_path / "a", seed=0)),
-        weights(build_tiny(tmp_path / "b", seed=1)),
-    )
-    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
-    first = weights(tiny_dir)
-    assert all(torch.equal(same[k], first[k]) for k in first)
-    assert not torch.equal(other["lm_head.weight"], first["lm_head.weight"])
-
-
-def test_tiny_config_and_tokenizer_agree(policy):
-    thinker, processor = policy
-    tok, config = processor.tokenizer, thinker.config
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in NAMED_TOKENS.items()}
-    assert (config.image_token_id, config.video_token_id, config.audio_token_id) == (
-        ids["image_token"],
-        ids["video_token"],
-        ids["audio_token"],
-    )
-    assert (config.audio_start_token_id, config.audio_end_token_id) == (
-        ids["audio_bos_token"],
-        ids["audio_eos_token"],
-    )
-    assert (config.vision_start_token_id, config.vision_end_token_id) == (
-        ids["vision_bos_token"],
-        ids["vision_eos_token"],
-    )
-    assert len(set(ids.values())) == len(ids) and max(
-        ids.values()
-    ) < config.text_config.vocab_size == len(tok)
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    assert tok.convert_ids_to_tokens(thinker.generation_config.eos_token_id[0]) == "<|im_end|>"
-    assert 400 <= len(tok) <= 1024
-    for size in (1, 2, 3):
-        text = tiny_config(tok, size).text_config
-        head_dim = text.hidden_size // text.num_attention_heads
-        assert (
-            text.hidden_size == 64 * size
-            and sum(text.rope_parameters["mrope_section"]) == head_dim // 2
-        )
-    with pytest.raises(ValueError, match="size must be a positive integer"):
-        tiny_config(tok, 0)
-
-
-def test_larger_size_runs(policy, batch):
-    with torch.random.fork_rng(devices=[]):
-        thinker = model.Qwen2_5OmniThinkerForConditionalGeneration(
-            tiny_config(policy[1].tokenizer, 2)
-        ).eval()
-    assert thinker.config.text_config.hidden_size == 128 and num_params(thinker) > 3 * num_params(
-        policy[0]
-    )
-    out = logits(thinker, batch)
-    assert (
-        out.shape == (*batch["input_ids"].shape, len(policy[1].tokenizer))
-        and torch.isfinite(out).all()
-    )
-
-
-def test_tokenizer_encodes_any_text_and_keeps_tags_plain(policy):
-    tok = policy[1].tokenizer
-    for text in [
-        "<think>In the video, the mouth curves up.</think><answer>happy</answer>",
-        "Zebra naïve 日本語 😠 \t\n  x",
-        "",
-    ]:
-        ids = tok(text)["input_ids"]
-        assert tok.decode(ids, skip_special_tokens=True) == text
-    assert tok.decode(tok("<|im_start|>x<|VIDEO|>")["input_ids"], skip_special_tokens=True) == "x"
-    # The corpus shapes the vocabulary: a word trained on is one token, unseen it is several.
-    assert len(tok.tokenize("zyzzyva")) > 1
-    assert len(tiny_processor(["zyzzyva quokka"] * 5).tokenizer.tokenize("zyzzyva")) == 1
-    with pytest.raises(ValueError, match="corpus"):
-        tiny_processor([])
-
-
-def test_chat_template_renders_qwen_placeholders(policy):
-    text = policy[1].apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
-    assert text == (
-        "<|im_start|>user\n<|vision_bos|><|VIDEO|><|vision_eos|><|audio_bos|><|AUDIO|><|audio_eos|>"
-        "What emotion does the person feel? Think, then answer.<|im_end|>\n<|im_start|>assistant\n"
-    )
+    return encode_prompt(policy[1], *random_media(0))
 
 
 def test_param_counts(policy):
@@ -207,7 +37,8 @@ def test_param_counts(policy):
         if name.startswith(("model.language_model.", "lm_head."))
     )
     assert lm_params(thinker) == naive < num_params(thinker)
-    assert 300_000 < num_params(thinker) < 700_000  # the 0.47M size of SYNTH_NOTES
+    # the tiny thinker has 0.47M parameters
+    assert 300_000 < num_params(thinker) < 700_000
 
 
 # processor + forward + generate ------------------------------------------------------------
@@ -232,22 +63,24 @@ def test_forward_with_video_audio_text(policy, batch):
     out = logits(thinker, batch)
     assert out.shape == (*ids.shape, len(tok)) and torch.isfinite(out).all()
     # Both towers feed the answer position: other pixels or other sound change its logits.
-    videos, audios = media(1)
-    for new_videos, new_audios in ((videos, media(0)[1]), (media(0)[0], audios)):
-        changed = logits(thinker, encode(processor, new_videos, new_audios))
+    videos, audios = random_media(1)
+    for new_videos, new_audios in ((videos, random_media(0)[1]), (random_media(0)[0], audios)):
+        changed = logits(thinker, encode_prompt(processor, new_videos, new_audios))
         assert not torch.allclose(changed[:, -1], out[:, -1])
 
 
 def test_video_as_list_of_frames(policy, batch):
-    videos, audios = media(0)
-    frames = [[frame.numpy() for frame in video] for video in videos]
-    batch2 = encode(policy[1], frames, audios)
+    videos, audios = random_media(0)
+    frames = []
+    for video in videos:
+        frames.append([frame.numpy() for frame in video])
+    batch2 = encode_prompt(policy[1], frames, audios)
     assert_close(batch2["pixel_values_videos"], batch["pixel_values_videos"], rtol=0, atol=0)
 
 
 def test_left_padded_batch_matches_single_prompts(policy):
     thinker, processor = policy
-    videos, audios = media(2)
+    videos, audios = random_media(2)
     audios[1] = audios[1][:20000]  # 1.25 s: fewer audio tokens, so a shorter prompt
     texts = [
         processor.apply_chat_template(
@@ -407,61 +240,3 @@ def test_full_checkpoint_loads_as_thinker_only(policy, batch, tmp_path, monkeypa
         assert_close(loaded[key], expected[key], rtol=0, atol=0)
     assert_close(logits(thinker.eval(), batch), logits(full.thinker, batch), rtol=0, atol=0)
     assert processor2.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
-
-
-# bad model directories ---------------------------------------------------------------------------
-
-
-def make_bad(kind, tiny_dir, root):
-    path = root / kind
-    if kind == "missing":
-        return path
-    path.mkdir()
-    if kind == "config-only":
-        shutil.copy(tiny_dir / "config.json", path)
-    elif kind == "corrupt-config":
-        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
-        (path / "config.json").write_text('{"model_type": "qwen2_5_omni_thinker", ')
-    elif kind == "wrong-model-type":
-        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
-        (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    elif kind == "no-processor":
-        for name in ("config.json", "model.safetensors"):
-            shutil.copy(tiny_dir / name, path)
-    elif kind == "truncated-weights":
-        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
-        (path / "model.safetensors").write_bytes(
-            (tiny_dir / "model.safetensors").read_bytes()[:1000]
-        )
-    elif kind == "partial-weights":
-        shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
-        with safe_open(tiny_dir / "model.safetensors", "pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys() if key != "lm_head.weight"}
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
-@pytest.mark.parametrize(
-    "kind, what",
-    [
-        ("missing", "does not exist"),
-        ("empty", "is empty"),
-        ("config-only", "has no weights"),
-        ("corrupt-config", "config.json is unreadable or corrupt"),
-        ("wrong-model-type", "model_type 'llama'"),
-        ("no-processor", "has no tokenizer files .* and no processor config"),
-        ("truncated-weights", "cannot load the thinker"),
-        ("partial-weights", r"the weights lack 1 thinker tensors, e.g. \['lm_head.weight'\]"),
-    ],
-)
-def test_bad_model_dir_names_path_and_problem(kind, what, tiny_dir, tmp_path):
-    path = make_bad(kind, tiny_dir, tmp_path)
-    with pytest.raises(ModelDirError, match=re.escape(str(path)) + ".*" + what):
-        load_policy(path)
-
-
-def test_no_config_names_the_file(tiny_dir, tmp_path):
-    shutil.copytree(tiny_dir, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + " has no config.json"):
-        load_policy(tmp_path)

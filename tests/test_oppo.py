@@ -15,9 +15,8 @@ import oppo  # noqa: E402
 def _batch(N=6, C=7, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(N, C, generator=g, dtype=dtype) * 3
-    old = logp + 0.3 * torch.randn(
-        N, C, generator=g, dtype=dtype
-    )  # ratios on both sides of the clip
+    # ratios on both sides of the clip
+    old = logp + 0.3 * torch.randn(N, C, generator=g, dtype=dtype)
     ref = logp + 0.5 * torch.randn(N, C, generator=g, dtype=dtype)
     adv = torch.randn(N, generator=g, dtype=dtype)
     lengths = torch.randint(1, C + 1, (N,), generator=g)
@@ -65,9 +64,8 @@ def test_equal_rewards_give_exact_zero_never_nan():
     assert torch.equal(adv[:8], torch.zeros(8))
     assert adv[8] > 0 and adv[9] < 0
     assert metrics["frac_reward_zero_std"] == 0.5
-    adv1, metrics1 = oppo.group_advantages(
-        torch.tensor([0.0, 1.0, 2.0]), G=1
-    )  # G = 1: std undefined
+    # G = 1: std undefined
+    adv1, metrics1 = oppo.group_advantages(torch.tensor([0.0, 1.0, 2.0]), G=1)
     assert torch.equal(adv1, torch.zeros(3)) and metrics1["frac_reward_zero_std"] == 1.0
     advi, _ = oppo.group_advantages(torch.tensor([1, 1, 0, 1]), G=2)  # integer rewards
     assert advi.dtype == torch.float32 and advi[0] == 0 and advi[2] < 0 < advi[3]

@@ -1,8 +1,6 @@
 """perception_loss.py against naive loops written out here, plus the invariants of Eqs. (9)-(11).
 
-The tokenizer is a small byte-level BPE trained here, so no test depends on model.py; it merges
-across spaces and punctuation, so tokens can straddle clause boundaries, and it never saw CJK
-or emoji, so those characters are split into single-byte tokens.
+The tokenizer is tests/small_bpe.py's byte-level BPE, so no test depends on model.py.
 """
 
 import sys
@@ -15,66 +13,15 @@ from torch.testing import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import perception_loss as P  # noqa: E402
+from small_bpe import MULTIBYTE, SENTENCE, naive_char_sets, train_tokenizer  # noqa: E402
 
-SENTENCE = "The face looks tense, the voice is raised. She is angry."
+import alignment  # noqa: E402
+import perception_loss as P  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    # "xé xè xê": the pair (x, first byte of é/è/ê) is the most frequent, so a token ends mid-character
-    corpus = [SENTENCE, "xé xè xê xé xè xê", "un café, a smile. A café!"] * 20
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-
-
-def bytes_to_unicode():
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def naive_char_sets(tokenizer, ids):
-    """Independent of the module: each token's bytes, then every character whose bytes it holds."""
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    special = set(tokenizer.all_special_ids)
-    pieces = [
-        b"" if i in special else bytes(byte_of[c] for c in tokenizer.convert_ids_to_tokens(i))
-        for i in ids
-    ]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    assert b"".join(pieces).decode("utf-8") == text
-    char_bytes, pos = [], 0
-    for ch in text:
-        char_bytes.append(set(range(pos, pos + len(ch.encode("utf-8")))))
-        pos += len(ch.encode("utf-8"))
-    out, pos = [], 0
-    for p in pieces:
-        held = set(range(pos, pos + len(p)))
-        out.append({c for c, cb in enumerate(char_bytes) if cb & held})
-        pos += len(p)
-    return out, text
-
-
-MULTIBYTE = "xé 中文 😀 café. The face looks tense, the voice"
+    return train_tokenizer()
 
 
 # ---- Eq. (9) routing
@@ -103,52 +50,7 @@ def test_route_clauses_match_loop():
     assert P.route_clauses(Sv, Sa, 0.5) == expected
 
 
-# ---- Eq. (9) character alignment
-
-
-def test_token_char_spans_exact_on_multibyte(tokenizer):
-    eos = tokenizer.eos_token_id
-    ids = [eos] + tokenizer.encode(MULTIBYTE) + [eos, eos]  # special tokens around: empty spans
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    assert "xÃ" in tokens  # precondition: a token holding 'x' and the first byte of 'é'
-    assert (
-        sum(t in ("ä", "¸", "Ń") for t in tokens) == 3
-    )  # precondition: '中' split into its 3 bytes
-    spans = P.token_char_spans(tokenizer, ids)
-    expected, text = naive_char_sets(tokenizer, ids)
-    assert text == MULTIBYTE
-    assert [set(range(s, e)) for s, e in spans] == expected
-    assert spans[0][0] == spans[0][1] and spans[-1][0] == spans[-1][1]
-    # the byte-level path and the generic prefix-decoding path agree
-    assert P._spans_from_prefixes(tokenizer, ids, text) == spans
-    assert P._spans_from_bytes(tokenizer, ids, text) == spans
-
-
-def test_token_char_spans_cut_inside_a_character(tokenizer):
-    ids = tokenizer.encode("ok 中文")[:-1]  # generation stopped after 2 of the 3 bytes of '文'
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    assert text.endswith("\ufffd")
-    spans = P.token_char_spans(tokenizer, ids)
-    assert (
-        spans[-1] == spans[-2] == (len(text) - 1, len(text))
-    )  # both bytes overlap the broken char
-    assert [set(range(s, e)) for s, e in spans[:-2]] == naive_char_sets(tokenizer, ids[:-2])[0]
-
-
-def test_token_char_spans_non_byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "▁the": 1, "▁face": 2, "▁looks": 3, "▁tense": 4, ",": 5, "▁é中": 6}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    ids = [1, 2, 3, 4, 5, 6]
-    text = t.decode(ids)
-    assert text == "the face looks tense, é中"
-    spans = P.token_char_spans(t, ids)
-    assert [text[s:e] for s, e in spans] == ["the", " face", " looks", " tense", ",", " é中"]
+# ---- Eq. (9) evidence tokens
 
 
 def sim(spans, sv, sa):
@@ -162,40 +64,36 @@ def sim(spans, sv, sa):
 
 def test_evidence_masks_route_a_visual_clause_to_the_visual_mask(tokenizer):
     text = SENTENCE
-    clauses = [
-        (0, 20),
-        (21, 41),
-        (42, 55),
-    ]  # "The face looks tense" / " the voice is raised" / " She is angry"
+    # "The face looks tense" / " the voice is raised" / " She is angry"
+    clauses = [(0, 20), (21, 41), (42, 55)]
     assert (
         text[slice(*clauses[0])] == "The face looks tense"
         and text[slice(*clauses[2])] == " She is angry"
     )
     ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
-    spans = P.token_char_spans(tokenizer, ids)
-    inside = next(
-        k for k, (s, e) in enumerate(spans) if s > 0 and e < 20
-    )  # a token inside clause 0
-    ids.insert(
-        inside, tokenizer.eos_token_id
-    )  # a special token within the clause: decodes to nothing
+    spans = alignment.token_char_spans(tokenizer, ids)
+    # a token inside clause 0
+    inside = next(k for k, (s, e) in enumerate(spans) if s > 0 and e < 20)
+    # a special token within the clause: decodes to nothing
+    ids.insert(inside, tokenizer.eos_token_id)
     C = len(ids) + 3
     completion = torch.full((2, C), tokenizer.pad_token_id)
     completion[0, : len(ids)] = torch.tensor(ids)
     completion[1, : len(ids)] = torch.tensor(ids)
     mask = (completion != tokenizer.pad_token_id).float()
     sims = [
-        sim(clauses, [0.9, 0.1, 0.2], [0.1, 0.2, 0.3]),  # clause 0 visual, the rest neutral
+        # clause 0 visual, the rest neutral
+        sim(clauses, [0.9, 0.1, 0.2], [0.1, 0.2, 0.3]),
+        # clause 1 acoustic
         sim(clauses, [0.1, 0.2, 0.3], [0.2, 0.8, 0.1]),
-    ]  # clause 1 acoustic
+    ]
     e_v, e_a = P.evidence_masks(tokenizer, completion, mask, sims, texts=[text, text])
     char_sets, _ = naive_char_sets(tokenizer, ids)
     want_v = [float(bool(cs & set(range(0, 20)))) for cs in char_sets]
     want_a = [float(bool(cs & set(range(21, 41)))) for cs in char_sets]
     assert e_v[0, : len(ids)].tolist() == want_v and 0 < sum(want_v) < len(ids)
-    assert (
-        e_v[0, inside] == 0 and e_v[0, inside - 1] == e_v[0, inside + 1] == 1
-    )  # empty span overlaps nothing
+    # an empty span overlaps nothing
+    assert e_v[0, inside] == 0 and e_v[0, inside - 1] == e_v[0, inside + 1] == 1
     assert not e_a[0].any()  # nothing visual leaks into the acoustic mask
     assert e_a[1, : len(ids)].tolist() == want_a and not e_v[1].any()
     assert not e_v[:, len(ids) :].any() and not e_a[:, len(ids) :].any()  # padding stays 0
@@ -203,7 +101,7 @@ def test_evidence_masks_route_a_visual_clause_to_the_visual_mask(tokenizer):
 
 def test_evidence_masks_clause_boundary_inside_a_token(tokenizer):
     ids = tokenizer.encode(SENTENCE)
-    spans = P.token_char_spans(tokenizer, ids)
+    spans = alignment.token_char_spans(tokenizer, ids)
     k = next(i for i, (s, e) in enumerate(spans) if e - s >= 3)  # a multi-character token
     cut = spans[k][0] + 1
     completion, mask = torch.tensor([ids]), torch.ones(1, len(ids))
@@ -217,55 +115,12 @@ def test_evidence_masks_clause_boundary_inside_a_token(tokenizer):
 def test_evidence_masks_multibyte_clause(tokenizer):
     ids = tokenizer.encode(MULTIBYTE)
     c = MULTIBYTE.index("中")
-    e_v, e_a = P.evidence_masks(
-        tokenizer, torch.tensor([ids]), torch.ones(1, len(ids)), [sim([(c, c + 1)], [0.9], [0.0])]
-    )  # the clause is the one character '中'
+    # the clause is the one character '中'
+    clause = sim([(c, c + 1)], [0.9], [0.0])
+    e_v, e_a = P.evidence_masks(tokenizer, torch.tensor([ids]), torch.ones(1, len(ids)), [clause])
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert [tokens[i] for i in e_v[0].nonzero().squeeze(1).tolist()] == ["ä", "¸", "Ń"]
     assert not e_a.any()
-
-
-def test_evidence_masks_with_model_tokenizer(tmp_path):
-    if not (ROOT / "model.py").exists():
-        pytest.skip("model.py not written yet")
-    from transformers import AutoTokenizer
-
-    from model import build_tiny
-
-    tok = AutoTokenizer.from_pretrained(build_tiny(tmp_path / "tiny"))
-    text = "<think>The face looks tense, é 中文 😀.</think><answer>angry</answer>"
-    ids = tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-    spans = P.token_char_spans(tok, ids)
-    decoded = tok.decode(ids, skip_special_tokens=True)
-    assert decoded == text and spans[-1][0] == spans[-1][1]
-    assert [set(range(s, e)) for s, e in spans] == naive_char_sets(tok, ids)[0]
-    assert P._spans_from_prefixes(tok, ids, decoded) == spans
-
-
-def test_token_char_spans_on_random_ids(tokenizer):
-    """Random texts, and random ids as an untrained policy samples them (often invalid UTF-8)."""
-    g = torch.Generator().manual_seed(0)
-    pool = list("aé中😀 ,.x") + ["café", " the", "tense", "<|im_end|>"]
-    for trial in range(100):
-        length = int(torch.randint(1, 25, (1,), generator=g))
-        if trial % 2:
-            ids = torch.randint(0, len(tokenizer), (length,), generator=g).tolist()
-        else:
-            ids = tokenizer.encode(
-                "".join(pool[j] for j in torch.randint(0, len(pool), (length,), generator=g))
-            )
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        spans = P.token_char_spans(tokenizer, ids)
-        assert len(spans) == len(ids) and all(0 <= s <= e <= len(text) for s, e in spans)
-        assert all(b[0] >= a[0] for a, b in zip(spans, spans[1:]))  # starts never go back
-        assert set().union(*(range(s, e) for s, e in spans)) == set(
-            range(len(text))
-        )  # every character covered
-        if "\ufffd" not in text:
-            assert [set(range(s, e)) for s, e in spans] == naive_char_sets(tokenizer, ids)[0]
-            assert P._spans_from_prefixes(tokenizer, ids, text) == spans
-        else:
-            assert trial % 2  # only random ids give invalid bytes
 
 
 # ---- Eq. (10)

@@ -8,75 +8,70 @@ from pathlib import Path
 import pytest
 import torch
 
+import batching
 import data
-import model as policy_lib
+import model
 import rollout
+import scoring
+from media import load_media
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_dir, synth_dir):
-    policy, processor = policy_lib.load_policy(tiny_dir)
+    policy, processor = model.load_policy(tiny_dir)
     recs = data.load_manifest(synth_dir / "train.jsonl")
     # clips with both modalities around one without audio: masking audio must not matter for it,
     # and micro-batches must take each row's own audio, not the batch's first ones
     both = [r for r in recs if r.get("video") and r.get("audio")]
     no_audio = next(r for r in recs if r.get("video") and not r.get("audio"))
     batch = [both[0], no_audio, both[1]]
-    media = data.encode(processor, batch, [data.load_media(r, 4) for r in batch])
+    media = batching.encode(processor, batch, [load_media(r, 4) for r in batch])
     return policy, processor, batch, media
 
 
 def shared(policy, media, G):
-    """rollout.py's inputs: each tower and the rotary positions once per clip, shared by its G rows."""
+    """The rollout's inputs: each tower and the rotary positions once per clip, shared by its G
+    rows."""
     with torch.no_grad():
-        return rollout.expand(
+        return scoring.expand(
             media,
             G,
-            rollout.encode_video(policy, media),
-            rollout.encode_audio(policy, media),
-            rollout.positions(policy, media),
+            scoring.encode_video(policy, media),
+            scoring.encode_audio(policy, media),
+            scoring.positions(policy, media),
         )
 
 
 def test_logprobs_equal_a_plain_forward(setup):
-    """Shared video and audio features and rotary positions + LM head on completion positions only ==
-    the naive full forward, where the thinker encodes each row's video and audio and builds its positions."""
+    """Shared video and audio features and rotary positions + LM head on completion positions
+    only == the naive full forward, where the thinker encodes each row's video and audio and
+    builds its positions."""
     policy, processor, _, media = setup
     G, C = 2, 7
-    ids = torch.randint(
-        len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, C)
-    )  # no media tokens
+    # no media tokens
+    first = len(processor.tokenizer.all_special_ids) + 10
+    ids = torch.randint(first, len(processor.tokenizer), (3 * G, C))
     inputs = shared(policy, media, G)
-    assert (
-        "input_features" not in inputs and len(inputs["audio_features"]) == 2 * G
-    )  # 2 clips with audio
+    # 2 clips with audio
+    assert "input_features" not in inputs and len(inputs["audio_features"]) == 2 * G
     with torch.no_grad():
-        got = rollout.logprobs(
-            policy, inputs, ids, micro_batch=3
-        )  # (N, C), rows split inside clips
+        # (N, C), rows split inside clips
+        got = scoring.logprobs(policy, inputs, ids, micro_batch=3)
         plain = {k: v for k, v in media.items() if k not in ("pixel_values_videos",)}
-        plain = rollout.expand(
-            plain, G
-        )  # text and audio rows repeated, video re-encoded per row below
+        # text and audio rows repeated, video re-encoded per row below
+        plain = scoring.expand(plain, G)
         per_clip = media["pixel_values_videos"].chunk(3)
         plain["pixel_values_videos"] = torch.cat([per_clip[i // G] for i in range(3 * G)])
         plain["video_grid_thw"] = media["video_grid_thw"].repeat_interleave(G, 0)
         plain["video_second_per_grid"] = media["video_second_per_grid"].repeat_interleave(G, 0)
         P = plain["input_ids"].shape[1]
-        logits = policy(
-            **{
-                **plain,
-                "input_ids": torch.cat([plain["input_ids"], ids], 1),
-                "attention_mask": torch.cat([plain["attention_mask"], torch.ones_like(ids)], 1),
-            }
-        ).logits
-        want = (
-            torch.log_softmax(logits[:, P - 1 : -1].float(), -1)
-            .gather(-1, ids.unsqueeze(-1))
-            .squeeze(-1)
-        )
+        plain["input_ids"] = torch.cat([plain["input_ids"], ids], 1)
+        plain["attention_mask"] = torch.cat([plain["attention_mask"], torch.ones_like(ids)], 1)
+        logits = policy(**plain).logits
+        log_softmax = torch.log_softmax(logits[:, P - 1 : -1].float(), -1)
+        want = log_softmax.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -85,7 +80,7 @@ def test_generate_with_shared_audio_equals_per_row_audio(setup):
     runs = []
     for inputs in (
         shared(policy, media, 3),
-        rollout.expand(media, 3, rollout.encode_video(policy, media)),
+        scoring.expand(media, 3, scoring.encode_video(policy, media)),
     ):
         torch.manual_seed(5)
         runs.append(rollout.generate(policy, processor, inputs, max_new_tokens=10))
@@ -94,23 +89,22 @@ def test_generate_with_shared_audio_equals_per_row_audio(setup):
 
 def test_select_takes_each_rows_own_media(setup):
     policy, processor, _, media = setup
-    G, idx = 3, torch.tensor([1, 3, 4, 8])  # clip 0, clip 1 (no audio) twice, clip 2
+    # clip 0, clip 1 (no audio) twice, clip 2
+    G, idx = 3, torch.tensor([1, 3, 4, 8])
     inputs = shared(policy, media, G)
-    ids = torch.randint(
-        len(processor.tokenizer.all_special_ids) + 10, len(processor.tokenizer), (3 * G, 5)
-    )
+    first = len(processor.tokenizer.all_special_ids) + 10
+    ids = torch.randint(first, len(processor.tokenizer), (3 * G, 5))
     with torch.no_grad():
-        whole = rollout.logprobs(policy, inputs, ids)
-        some = rollout.logprobs(policy, rollout.select(policy, inputs, idx), ids[idx])
+        whole = scoring.logprobs(policy, inputs, ids)
+        some = scoring.logprobs(policy, scoring.select(policy, inputs, idx), ids[idx])
     torch.testing.assert_close(some, whole[idx], atol=1e-6, rtol=1e-6)
 
 
 def test_logprobs_equal_generate_scores(setup):
     """At temperature 1 the log-probs of the sampled tokens are generate's own."""
     policy, processor, _, media = setup
-    inputs = rollout.expand(
-        media, 2, rollout.encode_video(policy, media)
-    )  # audio encoded in the forward
+    # audio encoded in the forward
+    inputs = scoring.expand(media, 2, scoring.encode_video(policy, media))
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.generate(
@@ -125,14 +119,9 @@ def test_logprobs_equal_generate_scores(setup):
             pad_token_id=processor.tokenizer.pad_token_id,
         )
         ids = out.sequences[:, inputs["input_ids"].shape[1] :]
-        scores = (
-            torch.stack(out.logits, 1)
-            .float()
-            .log_softmax(-1)
-            .gather(-1, ids.unsqueeze(-1))
-            .squeeze(-1)
-        )
-        got = rollout.logprobs(policy, inputs, ids)
+        log_softmax = torch.stack(out.logits, 1).float().log_softmax(-1)
+        scores = log_softmax.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        got = scoring.logprobs(policy, inputs, ids)
     torch.testing.assert_close(got, scores, atol=1e-4, rtol=1e-4)
 
 
@@ -147,10 +136,10 @@ def test_rollout_is_seeded_and_masks_only_what_matters(setup):
     assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
     assert len(a.texts) == 3 * G and all(isinstance(t, str) for t in a.texts)
     mv, ma = rollout.masked_logprobs(policy, a, every, every, seed=3)
-    torch.testing.assert_close(
-        rollout.masked_logprobs(policy, b, every, every, seed=3)[0], mv
-    )  # seeded masks
-    full = rollout.logprobs(policy, shared(policy, media, G), a.completion_ids)
+    # seeded masks
+    mv_again = rollout.masked_logprobs(policy, b, every, every, seed=3)[0]
+    torch.testing.assert_close(mv_again, mv)
+    full = scoring.logprobs(policy, shared(policy, media, G), a.completion_ids)
     m, one = a.completion_mask.bool(), slice(G, 2 * G)
     # clip 0 has audio and video: both masks change its log-probs; clip 1 has no audio
     assert (mv[:G] - full[:G])[m[:G]].abs().max() > 1e-4
@@ -167,7 +156,7 @@ def test_rollout_is_seeded_and_masks_only_what_matters(setup):
 def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
     """A policy taught one answer stops at "</answer>"; the mask ends there and texts decode."""
     _, processor, batch, media = setup
-    policy = policy_lib.load_policy(tiny_dir)[0]
+    policy = model.load_policy(tiny_dir)[0]
     tok = processor.tokenizer
     target = tok(
         ["<think>In the video, a smile.</think><answer>happy</answer> trailing words"] * 3,
@@ -175,11 +164,13 @@ def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
         return_tensors="pt",
     )["input_ids"]
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    for _ in range(60):  # memorise the target (and what follows it, which must be cut off)
-        inputs = rollout.expand(
-            media, 1, rollout.encode_video(policy, media), rollout.encode_audio(policy, media)
-        )
-        loss = -rollout.logprobs(policy, inputs, target).mean()  # with gradient through both towers
+    # memorise the target (and what follows it, which must be cut off)
+    for _ in range(60):
+        video = scoring.encode_video(policy, media)
+        audio = scoring.encode_audio(policy, media)
+        inputs = scoring.expand(media, 1, video, audio)
+        # with gradient through both towers
+        loss = -scoring.logprobs(policy, inputs, target).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,8 +1,8 @@
-"""study.py end to end at a toy size: SFT, the four RL variants, the table and the plot."""
+"""tools/study.py end to end at a toy size: SFT, the four RL variants, the table and the plot."""
 
 import json
 
-import study
+from tools import study
 
 
 def test_study_pipeline_toy(tiny_dir, synth_dir, tmp_path):

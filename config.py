@@ -1,0 +1,264 @@
+"""train.py's command line: the Args dataclass, the cpu and real profiles of defaults, the assets.
+
+A field left unset (None) takes the value of the run's profile: `cpu`, the tiny thinker on the
+synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni thinker on real
+data with the recipe of docs/method.md, section 6.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.distributed as dist
+
+import batching
+import data
+import synth
+import tiny
+
+
+@dataclass
+class Args:
+    model: str = field(
+        default="",
+        metadata={
+            "help": "local Qwen2.5-Omni(-Thinker) directory; empty: the tiny thinker in runs/tiny"
+        },
+    )
+    profile: str = field(
+        default="",
+        metadata={
+            "help": "defaults for the fields left unset: cpu (tiny model) or real (3B/7B, "
+            "docs/method.md, section 6); empty: real with --model, else cpu"
+        },
+    )
+    data: str = field(
+        default="",
+        metadata={
+            "help": "train manifest (JSON lines, docs/method.md, section 8); "
+            "empty: the synthetic world in runs/synth"
+        },
+    )
+    val_data: str = field(
+        default="",
+        metadata={
+            "help": "validation manifest for periodic evaluation; empty: the synthetic val split"
+        },
+    )
+    test_data: str = field(
+        default="",
+        metadata={"help": "test manifest for the final table; empty: the synthetic test split"},
+    )
+    out: str = field(
+        default="runs/oppo",
+        metadata={"help": "output directory: <out>/<stage>/{ckpt,final,log.jsonl}"},
+    )
+    stages: str = field(
+        default="sft,oppo",
+        metadata={"help": "comma-separated stages to run, in order: sft (cold start), oppo"},
+    )
+    init: str = field(
+        default="",
+        metadata={
+            "help": "weights to start the first stage from (default: --model); later stages "
+            "start from the previous stage's export"
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue each stage from its last checkpoint in <out>/<stage>/ckpt"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "random seed; rank r seeds with seed + r so ranks sample different completions"
+        },
+    )
+    frames: int = field(default=None, metadata={"help": "video frames per clip (CPU 4, real 8)"})
+    # SFT cold start
+    sft_steps: int = field(
+        default=None, metadata={"help": "SFT optimizer steps (CPU 900, real 1000)"}
+    )
+    sft_batch: int = field(
+        default=None, metadata={"help": "SFT clips per step, global over ranks (CPU 16, real 64)"}
+    )
+    sft_lr: float = field(
+        default=None, metadata={"help": "SFT learning rate (CPU 1e-3, real 1e-5)"}
+    )
+    # OPPO
+    steps: int = field(
+        default=None, metadata={"help": "OPPO steps, one update per rollout (CPU 120, real 500)"}
+    )
+    batch: int = field(
+        default=None,
+        metadata={"help": "clips per OPPO step, global over ranks (B; CPU 4, real 64)"},
+    )
+    G: int = field(default=8, metadata={"help": "completions per clip (G, Eq. 5)"})
+    lr: float = field(default=None, metadata={"help": "OPPO learning rate (CPU 1e-4, real 1e-6)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    warmup: int = field(
+        default=None, metadata={"help": "linear warm-up steps of each stage (CPU 30, real 10)"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling p"})
+    max_new_tokens: int = field(
+        default=None, metadata={"help": "completion cap (CPU 96, real 512)"}
+    )
+    micro_batch: int = field(
+        default=None,
+        metadata={"help": "clips per forward in the update and the scoring passes (CPU 4, real 1)"},
+    )
+    beta: float = field(
+        default=None,
+        metadata={
+            "help": "beta: weight of the k3 KL to the reference, Eq. (7); 0 drops the "
+            "reference model (CPU 0.0, real 0.04)"
+        },
+    )
+    eps_low: float = field(
+        default=0.2, metadata={"help": "eps_low of the clipped surrogate, Eq. (6)"}
+    )
+    eps_high: float = field(
+        default=0.28, metadata={"help": "eps_high of the clipped surrogate, Eq. (6)"}
+    )
+    agg: str = field(
+        default="token-mean", metadata={"help": "Eq. (8) aggregation: token-mean or seq-mean"}
+    )
+    scale_std: bool = field(
+        default=True,
+        metadata={"help": "Eq. (5) divide advantages by the group std (False: Dr. GRPO)"},
+    )
+    perception_reward: bool = field(
+        default=True,
+        metadata={"help": "ablation: add the Omni-Perception Reward w_op * R_op, Eq. (4)"},
+    )
+    perception_loss: bool = field(
+        default=True, metadata={"help": "ablation: add the Omni-Perception Loss L_op, Eq. (11)"}
+    )
+    w_fmt: float = field(
+        default=0.1, metadata={"help": "w_fmt, weight of the format reward, Eq. (4)"}
+    )
+    w_op: float = field(
+        default=0.5, metadata={"help": "w_op, weight of the Omni-Perception Reward, Eq. (4)"}
+    )
+    tau: float = field(
+        default=0.5,
+        metadata={"help": "tau, cue-recovery and routing threshold, Eqs. (3) and (9)"},
+    )
+    gamma: float = field(
+        default=None,
+        metadata={
+            "help": "gamma, weight of the masked KL in L_op, Eq. (11) "
+            "(0.02; 0.2 collapsed the tiny model)"
+        },
+    )
+    eta: float = field(
+        default=None, metadata={"help": "eta, weight of the entropy term in L_op, Eq. (11)"}
+    )
+    rho: float = field(
+        default=0.9,
+        metadata={
+            "help": "rho, fraction of a modality's features zeroed in x\\v and x\\a "
+            "(docs/method.md, section 5)"
+        },
+    )
+    clamp: float = field(
+        default=10.0, metadata={"help": "per-token clamp of the masked divergence d, Eq. (10)"}
+    )
+    embedder: str = field(
+        default="",
+        metadata={
+            "help": "sentence-embedding model directory for Eqs. (3) and (9); "
+            "empty: all-MiniLM-L6-v2 (offline package)"
+        },
+    )
+    # bookkeeping
+    save_every: int = field(default=50, metadata={"help": "steps between sharded checkpoints"})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "steps between validation evaluations (0: only at the end)"},
+    )
+    eval_limit: int = field(
+        default=200, metadata={"help": "validation/test clips evaluated (0: all)"}
+    )
+    bf16: bool = field(
+        default=None,
+        metadata={
+            "help": "bf16 compute with fp32 master weights and reduction (default: on with CUDA)"
+        },
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute decoder layers in backward to save memory"}
+    )
+    cache_inputs: bool = field(
+        default=None,
+        metadata={
+            "help": "keep every clip's processed prompt tensors in memory "
+            "(CPU on: small clips; real off)"
+        },
+    )
+
+
+CPU = dict(
+    frames=4,
+    sft_steps=900,
+    sft_batch=16,
+    sft_lr=1e-3,
+    steps=120,
+    batch=4,
+    lr=1e-4,
+    warmup=30,
+    max_new_tokens=96,
+    micro_batch=4,
+    beta=0.0,
+    gamma=0.02,
+    eta=0.03,
+    cache_inputs=True,
+)
+REAL = dict(
+    frames=8,
+    sft_steps=1000,
+    sft_batch=64,
+    sft_lr=1e-5,
+    steps=500,
+    batch=64,
+    lr=1e-6,
+    warmup=10,
+    max_new_tokens=512,
+    micro_batch=1,
+    beta=0.04,
+    gamma=0.02,
+    eta=0.03,
+    cache_inputs=False,
+)
+
+
+def apply_profile(args, device):
+    """Fill the fields left unset from the profile (real with --model, else cpu); bf16 defaults
+    to on with CUDA."""
+    if not args.profile:
+        args.profile = "real" if args.model else "cpu"
+    if args.profile not in ("cpu", "real"):
+        raise ValueError(f"--profile must be cpu or real, got {args.profile!r}")
+    defaults = REAL if args.profile == "real" else CPU
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda"
+
+
+def default_assets(args, master):
+    """`python train.py` with no paths: build the synthetic world and the tiny thinker if absent."""
+    if not args.data:
+        manifests = [f"runs/synth/{split}.jsonl" for split in synth.SPLITS]
+        args.data, args.val_data, args.test_data = manifests
+        if master:
+            synth.ensure_world("runs/synth", frames=args.frames)
+    dist.barrier()
+    if not args.model:
+        args.model = tiny.TINY_DIR
+        if master and not (Path(args.model) / "config.json").exists():
+            corpus = batching.corpus(data.load_manifest(args.data))
+            tiny.build_tiny(args.model, seed=0, corpus=corpus)
+    dist.barrier()

@@ -1,0 +1,117 @@
+"""One manifest line, parsed: its fields checked, media paths resolved, cues filled in.
+
+data.load_manifest reads a manifest's lines and hands each parsed JSON value to `parse`; every
+problem is a DataError whose message data.py prefixes with the file and line. What is checked:
+the fields' types, a non-blank label and cue phrases, text that is valid Unicode, media files
+that exist, and (when asked) their headers and an audio long enough for an audio token.
+"""
+
+from pathlib import Path
+
+import media
+from cues import CUE_KINDS, decompose_cues
+from media import DataError
+
+
+def parse(rec, root, check_media):
+    """One parsed manifest line checked and completed, media paths resolved against `root`; and
+    its audio's length in 16 kHz samples by the headers (None: no audio, not known, or
+    check_media off)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"a record must be a JSON object, got {type(rec).__name__}")
+    bad = _not_unicode(rec)
+    if bad is not None:
+        raise DataError(f"field {bad} holds a lone surrogate escape, which is not Unicode text")
+    for key in ("id", "label"):
+        if rec.get(key) in (None, "", []):
+            raise DataError(f"missing required field {key!r}")
+    label = rec["label"]
+    if not isinstance(label, (str, list)) or not all(isinstance(x, str) for x in list(label)):
+        raise DataError(f"label must be a string or a list of strings, got {label!r}")
+    labels = [label] if isinstance(label, str) else label
+    # a blank label can never be matched by an answer
+    if not all(x.strip() for x in labels):
+        raise DataError(f"label {label!r} is blank")
+    if not isinstance(rec.get("reasoning") or "", str):
+        raise DataError(f"reasoning must be a string, got {rec['reasoning']!r}")
+    for key in ("video", "audio", "cache"):
+        if not isinstance(rec.get(key) or "", str):
+            raise DataError(f"{key} must be a path, got {rec[key]!r}")
+    rec = dict(rec, id=str(rec["id"]), subtitle=str(rec.get("subtitle") or ""))
+    # a missing cache is only a slower load: the media files are decoded instead
+    cache = rec.get("cache")
+    if cache and (root / cache).is_file():
+        rec["cache"] = str(root / cache)
+    else:
+        rec.pop("cache", None)
+    for kind in ("video", "audio"):
+        if not rec.get(kind):
+            rec.pop(kind, None)
+            continue
+        rec[kind] = str(root / rec[kind])
+        if not Path(rec[kind]).is_file():
+            raise DataError(f"{kind} file {rec[kind]} not found")
+    samples = None
+    if check_media:
+        samples = _probe(rec)
+    return dict(rec, cues=_cues(rec)), samples
+
+
+def _probe(rec):
+    """A record's audio length in 16 kHz samples by the headers of its media (of its synth.py
+    cache when it has one, which was decoded from these very files); DataError when a header is
+    bad or the audio too short for an audio token."""
+    if "cache" in rec:
+        samples = media.probe_cache(rec["cache"], "video" in rec, "audio" in rec)
+        sound = rec["cache"]
+    else:
+        samples = None
+        for kind in ("video", "audio"):
+            if kind in rec:
+                # without an audio file, the audio is the video's track
+                samples = media.probe(rec[kind], kind)
+        sound = rec.get("audio") or rec.get("video")
+    if samples is not None:
+        media.check_audio_length(samples, sound)
+    return samples
+
+
+def _cues(rec):
+    """A record's cue lists: its own, or decomposed from its reasoning; DataError when malformed
+    or a phrase is blank."""
+    cues = rec.get("cues")
+    if cues is None:
+        cues = decompose_cues(rec.get("reasoning") or "")
+    if not isinstance(cues, dict) or not all(isinstance(cues.get(k, []), list) for k in CUE_KINDS):
+        raise DataError(f"cues must map {CUE_KINDS} to lists of phrases, got {cues!r}")
+    phrases = {}
+    for kind in CUE_KINDS:
+        phrases[kind] = [str(cue) for cue in cues.get(kind, [])]
+        for i, phrase in enumerate(phrases[kind]):
+            # a blank cue can never be recovered
+            if not phrase.strip():
+                raise DataError(f"cue cues.{kind}[{i}] is blank")
+    return phrases
+
+
+def _not_unicode(value, name=""):
+    """The name ("subtitle", "cues.visual[2]") of the first string inside a parsed JSON value
+    that is not valid Unicode text (a lone surrogate escape such as "\\udcff", which no
+    tokenizer encodes); None when every string is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return name
+        return None
+    items = []
+    if isinstance(value, dict):
+        prefix = f"{name}." if name else ""
+        items = [(f"{prefix}{key}", item) for key, item in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+    for item_name, item in items:
+        bad = _not_unicode(item, item_name)
+        if bad is not None:
+            return bad
+    return None

@@ -1,0 +1,86 @@
+"""Evaluation reports: the headline metrics, saved and loaded as JSON, compared in a table, plotted.
+
+A report is the dict eval.evaluate returns (its "metrics" are defined in docs/method.md,
+section 7); train.py saves the test split's as test_report.json, and `python eval.py --compare
+A.json B.json --plot out.png` prints and draws several side by side.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+# the headline metrics, in the order of every table and plot
+KEYS = (
+    "war",
+    "uar",
+    "hit",
+    "ov_f",
+    "sent_waf",
+    "sent_acc",
+    "format",
+    "war_no_video",
+    "war_no_audio",
+    "U_visual",
+    "U_acoustic",
+    "U",
+    "F_visual",
+    "F_acoustic",
+    "F",
+)
+
+
+def summary(report):
+    """The headline metrics of a report, flat."""
+    return {k: report["metrics"].get(k) for k in KEYS}
+
+
+def save(report, path):
+    """Write the JSON report atomically: a temporary file, then a rename."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{path}.tmp").write_text(json.dumps(report, indent=2))
+    os.replace(f"{path}.tmp", path)
+
+
+def load(path):
+    """A report written by `save`; exits with a message naming the file when it is not one."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"eval.py: report {path}: cannot be read as JSON ({e})")
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict):
+        sys.exit(f"eval.py: report {path}: no 'metrics' object, not an eval.py report")
+    return report
+
+
+def cell(value):
+    """A metric in a table: 3 decimals, "-" when missing."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(*reports, names=None):
+    """Markdown table of the headline metrics, one column per report."""
+    names = names or [f"report {i}" for i in range(len(reports))]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    summaries = [summary(r) for r in reports]
+    for key in KEYS:
+        cells = [cell(s[key]) for s in summaries]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(reports, names, path):
+    """Grouped bar chart of the headline metrics, one bar per report, written to `path` (PNG)."""
+    # no pyplot: the Agg canvas, no GUI, no global state
+    from matplotlib.figure import Figure
+
+    ax = Figure(figsize=(max(8.0, 0.5 * len(KEYS) * len(reports)), 4)).subplots()
+    width = 0.8 / len(reports)
+    for i, (r, name) in enumerate(zip(reports, names)):
+        positions = [k + i * width for k in range(len(KEYS))]
+        heights = [summary(r)[k] or 0.0 for k in KEYS]
+        ax.bar(positions, heights, width, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(KEYS))], KEYS, rotation=45, ha="right")
+    ax.set(ylim=(0, 1), title="eval.py (a missing metric is drawn as 0)")
+    ax.legend()
+    ax.figure.savefig(path, bbox_inches="tight")
