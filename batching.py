@@ -70,8 +70,7 @@ def encode(processor, records, decoded=None, targets=None, cache=None, frames=me
     seqs = [item["input_ids"].tolist() for item in items]
     if targets is not None:
         # each target's token ids, closed by eos, follow its prompt's
-        eos = tok.eos_token or ""
-        tails = [tok(t + eos, add_special_tokens=False)["input_ids"] for t in targets]
+        tails = target_ids(tok, targets)
         seqs = [seq + tail for seq, tail in zip(seqs, tails, strict=True)]
     padded = tok.pad({"input_ids": seqs}, padding_side="left", return_tensors="pt")
     batch = dict(padded)  # input_ids (B, L), attention_mask (B, L)
@@ -86,6 +85,13 @@ def encode(processor, records, decoded=None, targets=None, cache=None, frames=me
         for key in keys:
             batch[key] = join([item[key] for item in with_medium])
     return batch
+
+
+def target_ids(tokenizer, targets):
+    """The token ids each target string adds after its prompt in `encode`: its own, then eos.
+    Their lengths against the model's position limit find references too long to train on."""
+    eos = tokenizer.eos_token or ""
+    return [tokenizer(t + eos, add_special_tokens=False)["input_ids"] for t in targets]
 
 
 def _prompt_items(processor, records, decoded, cache, frames):

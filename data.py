@@ -136,22 +136,24 @@ def _problem(err):
 # ---------------------------------------------------------------- 2. the full check
 def check(path, on_error="skip", audio_window=None):
     """Load a manifest (load_manifest), then decode every record as training reads it
-    (media.verify), with a progress bar. Return (loaded that decode, one "file:line: problem"
-    message per line skipped at load or record failing to decode)."""
-    loaded = load_manifest(path, on_error, audio_window=audio_window)
-    readable = Manifest(truncated_audio=loaded.truncated_audio)
-    failures = list(loaded.errors)
+    (media.verify), with a progress bar: the records that decode, in a Manifest whose .errors
+    hold every line skipped at load and every record that failed to decode, and whose
+    .truncated_audio counts the decoded audio longer than audio_window seconds."""
+    loaded = load_manifest(path, on_error)
+    readable = Manifest(errors=loaded.errors)
+    lengths = []
     for rec in tqdm(loaded, desc="decoding", unit="clip"):
         try:
-            media.verify(rec)
+            lengths.append(media.verify(rec))
         except DataError as err:
             if on_error == "raise":
                 raise
-            failures.append(str(err))
+            readable.errors.append(str(err))
             continue
         readable.append(rec)
-    readable.errors = failures
-    return readable, failures
+    if audio_window is not None:
+        readable.truncated_audio = count_truncated(path, lengths, audio_window)
+    return readable
 
 
 # ---------------------------------------------------------------- 3. command line
@@ -192,8 +194,8 @@ def summarise(path, on_error, audio_window):
     """Check a manifest (check) and print its record count, every failing line or record, the
     truncated-audio count, and its label, scenario, media and cue counts. Return whether every
     line and record passed."""
-    recs, failures = check(path, on_error, audio_window)
-    print(f"{path}: {len(recs)} records, {len(failures)} skipped", *failures, sep="\n  ")
+    recs = check(path, on_error, audio_window)
+    print(f"{path}: {len(recs)} records, {len(recs.errors)} skipped", *recs.errors, sep="\n  ")
     print(f"audio longer than the {audio_window:g} s window (truncated): {recs.truncated_audio}")
     print("labels:", dict(Counter(str(r["label"]) for r in recs)))
     print("scenarios:", dict(Counter(r.get("scenario", "-") for r in recs)))
@@ -209,7 +211,7 @@ def summarise(path, on_error, audio_window):
         shape = None if video is None else tuple(video.shape)
         seconds = None if audio is None else f"{len(audio) / media.SR:.2f} s"
         print(f"{rec['id']}: video {shape}, audio {seconds}")
-    return not failures
+    return not recs.errors
 
 
 def _media_present(record):

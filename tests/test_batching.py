@@ -108,6 +108,16 @@ def test_targets_get_labels_only_on_the_target_tokens(manifest_world, policy):
     )
 
 
+def test_target_ids_are_the_tokens_a_target_adds(manifest_world, policy):
+    _, recs = manifest_world
+    tok = policy[1].tokenizer
+    targets = [batching.target_text(r) for r in recs[:3]]
+    batch = batching.encode(policy[1], recs[:3], targets=targets, frames=4)
+    ids = batching.target_ids(tok, targets)
+    for i, row in enumerate(ids):
+        assert row == batch["labels"][i][batch["labels"][i] != -100].tolist()
+
+
 def test_the_prompt_cache_is_used_and_gives_the_same_batch(manifest_world, policy):
     _, recs = manifest_world
     _, processor = policy
