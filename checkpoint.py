@@ -40,14 +40,15 @@ def _barrier():
 def rng_state():
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's own GPU (the one parallel.init set): a resume may see fewer GPUs
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save(ckpt_dir, step, model, optim, keep=2):
@@ -189,3 +190,7 @@ class Log:
             strict[key] = value
         self.file.write(json.dumps(strict) + "\n")
         self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()

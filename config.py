@@ -1,4 +1,4 @@
-"""train.py's command line: the Args dataclass, the cpu and real profiles of defaults, the assets.
+"""train.py's command line: the Args dataclass and the cpu and real profiles of defaults.
 
 A field left unset (None) takes the value of the run's profile: `cpu`, the tiny thinker on the
 synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni thinker on real
@@ -6,14 +6,6 @@ data with the recipe of docs/method.md, section 6.
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import torch.distributed as dist
-
-import batching
-import data
-import synth
-import tiny
 
 
 @dataclass
@@ -41,12 +33,16 @@ class Args:
     val_data: str = field(
         default="",
         metadata={
-            "help": "validation manifest for periodic evaluation; empty: the synthetic val split"
+            "help": "validation manifest of --eval_every; required with --data and "
+            "--eval_every; empty without --data: the synthetic val split"
         },
     )
     test_data: str = field(
         default="",
-        metadata={"help": "test manifest for the final table; empty: the synthetic test split"},
+        metadata={
+            "help": "test manifest of the final table; required with --data; empty without "
+            "--data: the synthetic test split"
+        },
     )
     out: str = field(
         default="runs/oppo",
@@ -165,12 +161,42 @@ class Args:
     clamp: float = field(
         default=10.0, metadata={"help": "per-token clamp of the masked divergence d, Eq. (10)"}
     )
+    masked_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "Eqs. (10)-(11) form (b): compute the x\\v and x\\a log-probs of the rows "
+            "with evidence in the update, with gradient, so the loss also changes what the "
+            "policy writes under masked input; False: form (a), a no-grad pass with the "
+            "pre-update policy"
+        },
+    )
+    eta_masked: float = field(
+        default=0.03,
+        metadata={
+            "help": "weight of the masked-branch entropy term (PAPO's double entropy), used "
+            "with --masked_grad"
+        },
+    )
     embedder: str = field(
         default="",
         metadata={
             "help": "sentence-embedding model directory for Eqs. (3) and (9); "
             "empty: all-MiniLM-L6-v2 (offline package)"
         },
+    )
+    masked_rollouts: int = field(
+        default=0,
+        metadata={
+            "help": "Gm, completions sampled per clip under each masked input (rho = 1), their "
+            "claims of the masked modality penalised (masked_rollout.py); 0: off"
+        },
+    )
+    masked_rollout_modalities: str = field(
+        default="video,audio",
+        metadata={"help": "the modalities masked in the masked rollouts: video, audio or both"},
+    )
+    masked_rollout_weight: float = field(
+        default=1.0, metadata={"help": "w_mr, weight of the masked rollouts' loss"}
     )
     # bookkeeping
     save_every: int = field(default=50, metadata={"help": "steps between sharded checkpoints"})
@@ -195,6 +221,22 @@ class Args:
         metadata={
             "help": "keep every clip's processed prompt tensors in memory "
             "(CPU on: small clips; real off)"
+        },
+    )
+    max_bad_records: int = field(
+        default=0,
+        metadata={
+            "help": "lines each manifest may lose (missing media, bad JSON, ...: printed, "
+            "counted in <out>/run.jsonl and test_report.json); more refuse to start"
+        },
+    )
+    allow_changed_args: bool = field(
+        default=False,
+        metadata={
+            "help": "--resume refuses arguments that differ from <out>/<stage>/args.json; this "
+            "accepts them (printed, logged; more steps continue a finished stage). Exempt: out "
+            "resume stages profile val_data test_data eval_every eval_limit save_every "
+            "max_bad_records micro_batch activation_checkpointing cache_inputs"
         },
     )
 
@@ -246,19 +288,3 @@ def apply_profile(args, device):
             setattr(args, key, value)
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
-
-
-def default_assets(args, master):
-    """`python train.py` with no paths: build the synthetic world and the tiny thinker if absent."""
-    if not args.data:
-        manifests = [f"runs/synth/{split}.jsonl" for split in synth.SPLITS]
-        args.data, args.val_data, args.test_data = manifests
-        if master:
-            synth.ensure_world("runs/synth", frames=args.frames)
-    dist.barrier()
-    if not args.model:
-        args.model = tiny.TINY_DIR
-        if master and not (Path(args.model) / "config.json").exists():
-            corpus = batching.corpus(data.load_manifest(args.data))
-            tiny.build_tiny(args.model, seed=0, corpus=corpus)
-    dist.barrier()

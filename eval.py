@@ -231,12 +231,8 @@ class Args:
 
 def evaluate_model(args):
     """The report of the policy --model on the manifest --data, under torchrun on every rank."""
-    # torchrun: each rank answers its shard
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    # under torchrun each rank answers its shard; the group follows train.py's device rule
+    _, _, device = parallel.init()
     # on_error="raise": a DataError names file:line
     records = data.load_manifest(args.data, on_error="raise")[: args.limit or None]
     if not records:
@@ -272,16 +268,26 @@ def main(argv=None):
     elif not args.model or not args.data:
         parser.error("--model and --data are required (or --compare REPORT ...)")
     else:
-        reports = [evaluate_model(args)]
+        # before the evaluation: where its results go must be writable (rank 0 writes them)
+        if int(os.environ.get("RANK", 0)) == 0:
+            for flag, path in (("--out", args.out), ("--plot", args.plot)):
+                problem = report.unwritable(path) if path else None
+                if problem:
+                    parser.error(f"{flag} {path} {problem}")
+        try:
+            reports = [evaluate_model(args)]
+        finally:
+            # the group evaluate_model made goes with it, also when it fails
+            if dist.is_initialized():
+                dist.destroy_process_group()
         names = [Path(args.model).name]
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if int(os.environ.get("RANK", 0)) == 0:
+        # the table first: a failed write loses no result
+        print(report.table(*reports, names=names))
         if args.out and not args.compare:
             report.save(reports[0], args.out)
-        print(report.table(*reports, names=names))
         if args.plot:
             report.plot(reports, names, args.plot)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ tokens whose characters fall in those clauses (alignment.py) are the evidence to
 policy's log-probs under the full input x are compared with its log-probs under x\v (video
 masked) and x\a (audio masked) (Eq. 10), and the loss rewards a large divergence: a visual claim
 that is as likely without the video did not come from the video (Eq. 11). An entropy term and a
-per-token clamp keep that unbounded objective in check.
+per-token clamp keep that unbounded objective in check. The masked log-probs are constants (form
+(a) of Eq. 10) or, with `masked_grad`, carry gradient (form (b)), with an entropy term of their own.
 Losses are pure functions of tensors returning `(loss, metrics)`; shapes as in oppo.py: N
 completions, C right-padded completion positions, `mask` (N, C) 1 on response tokens. Metrics
 are detached 0-dim tensors over this call's tokens alone.
@@ -123,15 +124,20 @@ def evidence_masks(
 
 
 # Eq. (10)
-def token_divergence(logp: Tensor, masked_logp: Tensor, clamp: float = 10.0) -> Tensor:
+def token_divergence(
+    logp: Tensor, masked_logp: Tensor, clamp: float = 10.0, masked_grad: bool = False
+) -> Tensor:
     """d_t = min(exp(u) - u - 1, clamp), u = masked_logp - logp: the k3 estimator of oppo.k3,
     KL(pi(.|x) || pi(.|x\\m)) per token, clamped against "KL hacking" (PAPO).
 
-    (N, C) each. masked_logp is a constant (no-grad forward of the pre-update policy).
+    (N, C) each. masked_grad False (form (a)): masked_logp is a constant (no-grad forward of the
+    pre-update policy); True (form (b)): the gradient reaches both log-probs.
     """
+    if not masked_grad:
+        masked_logp = masked_logp.detach()
     # cap u where d already exceeds the clamp (d(log(2c + 2)) >= c): exp cannot overflow, and
     # the clamp's zero gradient never meets an inf from exp (0 * inf = NaN)
-    u = (masked_logp.detach() - logp).clamp(max=math.log(2 * clamp + 2))  # (N, C)
+    u = (masked_logp - logp).clamp(max=math.log(2 * clamp + 2))  # (N, C)
     return (torch.exp(u) - u - 1).clamp(max=clamp)  # (N, C)
 
 
@@ -166,6 +172,9 @@ def perception_loss(
     clamp: float = 10.0,
     num_evidence=None,
     num_tokens=None,
+    masked_grad: bool = False,
+    eta_masked: float = 0.03,
+    num_scored=None,
 ):
     """L_op = -gamma (KL^v + KL^a) + eta H, KL^m = sum_t e^m_t d^m_t / max(1, sum_t e^m_t),
     H = -mean_t logp_t over all response tokens.
@@ -174,6 +183,10 @@ def perception_loss(
     video / audio masked, or None to drop that term; e_v, e_a (N, C) evidence masks; mask (N, C).
     num_evidence = (n_v, n_a) and num_tokens: global counts across ranks and micro-batches
     (default: this call's), so micro-batch losses sum to the batch loss.
+    masked_grad (form (b) of Eq. 10): the gradient reaches mv_logp and ma_logp too, and L_op gains
+    the masked branch's entropy, + eta_masked (H^v + H^a), H^m = -mean_t of the x\\m log-probs
+    over the response tokens of the rows with m-evidence (the rows scored under x\\m);
+    num_scored = (their global token counts for v, for a), default this call's.
     """
     N, C = logp.shape
     _check_shapes((N, C), mv_logp=mv_logp, ma_logp=ma_logp, e_v=e_v, e_a=e_a, mask=mask)
@@ -184,13 +197,19 @@ def perception_loss(
     global_evidence = num_evidence
     if global_evidence is None:
         global_evidence = (None, None)
+    global_scored = num_scored
+    if global_scored is None:
+        global_scored = (None, None)
 
     # KL^m with the global evidence count (the loss) and with this call's (the metric)
     kl = {}
     kl_local = {}
     n_local = {}
-    branches = zip(MODALITIES, (mv_logp, ma_logp), (e_v, e_a), global_evidence)
-    for m, masked_logp, e, n_global in branches:
+    # H^m of form (b), likewise
+    masked_entropy = {}
+    masked_entropy_local = {}
+    branches = zip(MODALITIES, (mv_logp, ma_logp), (e_v, e_a), global_evidence, global_scored)
+    for m, masked_logp, e, n_global, n_scored in branches:
         # evidence never sits on padding
         e = e.to(logp.dtype) * response  # (N, C)
         n_local[m] = e.sum()
@@ -199,20 +218,29 @@ def perception_loss(
             kl[m] = zero
             kl_local[m] = zero
             continue
-        masked_logp = masked_logp.detach().masked_fill(pad, 0.0)  # (N, C)
-        d = token_divergence(logp, masked_logp, clamp)  # (N, C)
+        if not masked_grad:
+            masked_logp = masked_logp.detach()
+        masked_logp = masked_logp.masked_fill(pad, 0.0)  # (N, C)
+        d = token_divergence(logp, masked_logp, clamp, masked_grad)  # (N, C)
         evidence_divergence = (e * d).sum()
         # 0 when there is no m-evidence
         kl[m] = evidence_divergence / _count(n_global, n_local[m])
         kl_local[m] = evidence_divergence.detach() / n_local[m].clamp(min=1)
+        if masked_grad:
+            # the response tokens of the rows with m-evidence
+            scored = e.any(1, keepdim=True).to(logp.dtype) * response  # (N, C)
+            masked_sum = -(masked_logp * scored).sum()
+            masked_entropy[m] = masked_sum / _count(n_scored, scored.sum())
+            masked_entropy_local[m] = masked_sum.detach() / scored.sum().clamp(min=1)
     H = -(logp * response).sum() / _count(num_tokens, response.sum())
     loss = -gamma * (kl["visual"] + kl["acoustic"]) + eta * H
 
     n = response.sum().clamp(min=1)
     entropy = (-(logp * response).sum() / n).detach()
+    # over this call's tokens, like every metric; the loss uses the global counts
+    op_loss = -gamma * (kl_local["visual"] + kl_local["acoustic"]) + eta * entropy
     metrics = {
-        # over this call's tokens, like every metric; the loss uses the global counts
-        "op_loss": -gamma * (kl_local["visual"] + kl_local["acoustic"]) + eta * entropy,
+        "op_loss": op_loss,
         "kl_visual": kl_local["visual"],
         "kl_acoustic": kl_local["acoustic"],
         "n_visual": n_local["visual"],
@@ -221,4 +249,9 @@ def perception_loss(
         "share_acoustic": n_local["acoustic"] / n,
         "entropy": entropy,
     }
+    for m in masked_entropy:
+        # PAPO's double entropy: against a divergence won by degenerate masked distributions
+        loss = loss + eta_masked * masked_entropy[m]
+        metrics["op_loss"] = metrics["op_loss"] + eta_masked * masked_entropy_local[m]
+        metrics[f"masked_entropy_{m}"] = masked_entropy_local[m]
     return loss, metrics

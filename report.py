@@ -36,10 +36,38 @@ def summary(report):
 
 
 def save(report, path):
-    """Write the JSON report atomically: a temporary file, then a rename."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{path}.tmp").write_text(json.dumps(report, indent=2))
-    os.replace(f"{path}.tmp", path)
+    """Write the JSON report atomically: a temporary file, then a rename. When either fails, the
+    temporary file goes and the error is raised: a good report is never replaced by a half one."""
+    text = json.dumps(report, indent=2)
+    tmp = Path(f"{path}.tmp")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        # a directory of that name is not ours to remove
+        if tmp.is_file():
+            tmp.unlink()
+        raise
+
+
+def unwritable(path):
+    """Why the report `path` cannot be written (its folder created, `<path>.tmp` written and
+    removed, as `save` will), or None when it can: checked before the long work that makes it."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory; give a file name such as report.json"
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            return f"{folder} is a file, not a folder"
+    probe = Path(f"{path}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return f"cannot be written ({err.strerror or err})"
+    return None
 
 
 def load(path):

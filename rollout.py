@@ -5,6 +5,8 @@ One OPPO step needs, for every sampled completion o_i of a clip x (docs/method.m
   - ref_t = log pi_ref(o_t | x, o_<t) when beta > 0, Eq. (7): `reference_logprobs`;
   - mv_t = log pi_old(o_t | x\\v, o_<t) on tokens routed to vision, Eq. (10): `masked_logprobs`;
   - ma_t = log pi_old(o_t | x\\a, o_<t) likewise, audio masked.
+Those two are form (a) of Eq. (10), constants; in form (b), `--masked_grad`, the update scores
+x\\v and x\\a (`masked_inputs`) itself, with gradient (update.py).
 The policy's own log-probs are recomputed with gradient in the update (one update per rollout,
 so old_t = logp_t.detach() and no separate old pass is needed; docs/performance.md).
 Every pass scores through scoring.py. Two more savings are the rollout's own:
@@ -159,6 +161,14 @@ def reference_logprobs(ref, roll, micro_batch=None):
     return torch.cat(out)  # (N, C)
 
 
+def masked_inputs(media, rho=0.9, seed=0):
+    """x\\v and x\\a of a processed batch: rho of its video (audio) features zeroed, drawn with
+    `seed` (batching.mask_modality), as every masked pass of a step draws them."""
+    no_video = batching.mask_modality(media, "video", rho=rho, seed=seed)
+    no_audio = batching.mask_modality(media, "audio", rho=rho, seed=seed)
+    return no_video, no_audio
+
+
 # Eq. (10)
 @torch.no_grad()
 def masked_logprobs(policy, roll, need_v, need_a, rho=0.9, seed=0, micro_batch=None):
@@ -168,8 +178,7 @@ def masked_logprobs(policy, roll, need_v, need_a, rho=0.9, seed=0, micro_batch=N
     `micro_batch` clips at a time (None: all B); the other rows are 0, and Eq. (10) never reads
     them (their evidence masks are 0).
     """
-    no_video = batching.mask_modality(roll.media, "video", rho=rho, seed=seed)
-    no_audio = batching.mask_modality(roll.media, "audio", rho=rho, seed=seed)
+    no_video, no_audio = masked_inputs(roll.media, rho, seed)
     with parallel.unsharded(policy):
         logp_no_video = masked_pass(policy, roll, no_video, "video", need_v, micro_batch)
         logp_no_audio = masked_pass(policy, roll, no_audio, "audio", need_a, micro_batch)

@@ -6,9 +6,10 @@
         --data mer/train.jsonl --val_data mer/val.jsonl --test_data mer/test.jsonl
 
 Each OPPO step (`oppo_step`, docs/method.md, sections 2-5): 1. rollout, 2. reward, 3. advantage,
-4. evidence routing and masked log-probs, 5. update, 6. metrics. Ablations are switches:
-`--perception_reward False --perception_loss False` is plain GRPO. The flags and their profiles
-are in config.py; what only matters with several processes (FSDP2, global sums) in parallel.py.
+4. evidence routing and masked log-probs, 5. update, 6. masked rollouts (`--masked_rollouts`),
+7. metrics. Ablations are switches: `--perception_reward False --perception_loss False` is plain
+GRPO. The flags and their profiles are in config.py; what only matters with several processes
+(FSDP2, global sums) in parallel.py.
 """
 
 import time
@@ -22,15 +23,17 @@ from transformers import HfArgumentParser
 import batching
 import checkpoint
 import config
-import data
 import eval as evaluation
+import masked_rollout
 import model
 import oppo
 import parallel
 import perception_loss
+import preflight
 import report
 import reward
 import rollout
+import rundir
 import scoring
 import update
 from matcher import Matcher
@@ -114,9 +117,14 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, world, step):
     # evidence (Eq. 10); without the perception loss, no token is evidence
     mask = roll.completion_mask.float()  # (N, C)
     e_v = e_a = mv_logp = ma_logp = torch.zeros_like(mask)
+    masked_inputs = None
     if args.perception_loss:
         tok = processor.tokenizer
         e_v, e_a = perception_loss.evidence_masks(tok, roll.completion_ids, mask, parts["sims"])
+    if args.perception_loss and args.masked_grad:
+        # form (b) of Eq. (10): the update scores x\v and x\a itself, with gradient
+        masked_inputs = rollout.masked_inputs(roll.media, args.rho, args.seed + step)
+    elif args.perception_loss:
         mv_logp, ma_logp = rollout.masked_logprobs(
             policy,
             roll,
@@ -126,7 +134,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, world, step):
             seed=args.seed + step,
             micro_batch=args.micro_batch,
         )
-    evidence = update.Evidence(e_v, e_a, mv_logp, ma_logp)
+    evidence = update.Evidence(e_v, e_a, mv_logp, ma_logp, masked_inputs)
     routed = time.perf_counter()
     # 5. update, Eqs. (6)-(12), normalised by global counts so that every rank and micro-batch
     # agrees: the gradient of the step's loss, accumulated over micro-batches of clips
@@ -134,7 +142,11 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, world, step):
     n_tok, n_seq, n_v, n_a = counts
     loss_metrics = update.backward(args, policy, roll, adv, evidence, counts, world)
     updated = time.perf_counter()
-    # 6. metrics of the step, for this rank's rows
+    # 6. masked rollouts (masked_rollout.py): samples under x\v and x\a, their claims penalised
+    masked = {}
+    if args.masked_rollouts:
+        masked = masked_rollout.backward(args, policy, processor, matcher, recs, media, world, step)
+    # 7. metrics of the step, for this rank's rows
     metrics = {key: float(value) for key, value in adv_metrics.items()}
     metrics.update(loss_metrics)
     for key, value in parts.items():
@@ -154,20 +166,28 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, world, step):
         metrics[f"time/rollout_{phase}"] = seconds
     # rows scored under x\v or x\a
     metrics["masked_rows"] = float(e_v.any(1).sum() + e_a.any(1).sum())
-    # the no-grad passes: the reference when beta > 0, and the masked rows' share of a pass
-    scoring_passes = (args.beta > 0) + metrics["masked_rows"] / len(mask)
+    # the no-grad passes: the reference when beta > 0, and the masked rows' share of a pass,
+    # which form (b) trains (a forward and a backward: three forwards' FLOPs)
+    masked_passes = metrics["masked_rows"] / len(mask) * (3 if args.masked_grad else 1)
+    scoring_passes = (args.beta > 0) + masked_passes
     prompt_tokens = float(media["attention_mask"].sum()) * G
     metrics["flops"] = flops.step_flops(
         policy, len(mask), prompt_tokens, float(mask.sum()), scoring_passes
     )
+    # the masked rollouts' loss and FLOPs are the step's too
+    metrics["loss"] += masked.pop("loss", 0.0)
+    metrics["flops"] += masked.pop("flops", 0.0)
+    metrics.update(masked)
     return metrics
 
 
-def run_stage(stage, args, init, rank, world, device, matcher):
-    """Train one stage from the weights in `init`; returns the directory of its export."""
+def run_stage(stage, args, init, rank, world, device, matcher, manifests, changes):
+    """Train one stage from the weights in `init`; returns the directory of its export. Arguments
+    changed on --resume (rundir.check_resume) reopen a finished stage: more steps continue it."""
     master = rank == 0
+    changed = changes.get(stage)
     out = Path(args.out) / stage
-    if args.resume and (out / "final" / "config.json").exists():
+    if args.resume and not changed and (out / "final" / "config.json").exists():
         # finished before
         return out / "final"
     policy, processor = model.load_policy(init)
@@ -187,7 +207,8 @@ def run_stage(stage, args, init, rank, world, device, matcher):
     start = 0
     if args.resume:
         start = checkpoint.resume(out / "ckpt", policy, optim, sched)
-    recs = parallel.from_rank0(data.load_manifest, args.data)
+    recs = preflight.stage_records(stage, manifests, policy, processor)
+    rundir.start_stage(args, stage, start, recs, changed, master)
     cache = {} if args.cache_inputs else None
     log = checkpoint.Log(out / "log.jsonl", start, master)
     steps = range(start, total_steps)
@@ -202,12 +223,12 @@ def run_stage(stage, args, init, rank, world, device, matcher):
             metrics = sft_step(args, policy, processor, batch, media, world)
         else:
             metrics = oppo_step(args, policy, ref, processor, matcher, batch, media, world, step)
+        # the learning rate this step used: optimizer_step moves the schedule on
+        metrics["lr"] = sched.get_last_lr()[0]
         gnorm, finite = update.optimizer_step(policy, optim, sched, metrics["loss"], args.grad_clip)
         seconds = time.perf_counter() - began
-        metrics["step"] = step + 1
         metrics["grad_norm"] = gnorm
         metrics["skipped"] = not finite
-        metrics["lr"] = sched.get_last_lr()[0]
         metrics["time/step"] = seconds
         metrics["tokens_per_s"] = metrics["tokens"] / seconds
         metrics["flops_per_s"] = metrics.pop("flops") / seconds
@@ -215,6 +236,8 @@ def run_stage(stage, args, init, rank, world, device, matcher):
         if flops.peak():
             metrics["mfu"] = metrics["flops_per_s"] / flops.peak()
         metrics.update(parallel.mean_metrics(metrics, world))
+        # an int, after the mean over ranks that makes every number a float
+        metrics["step"] = step + 1
         log.write(metrics)
         if master:
             postfix = {"loss": f"{metrics['loss']:.3f}"}
@@ -224,15 +247,14 @@ def run_stage(stage, args, init, rank, world, device, matcher):
         if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(out / "ckpt", step + 1, policy, optim)
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            val_report = evaluate(args, policy, processor, args.val_data, matcher, False)
+            val_report = evaluate(args, policy, processor, manifests["val"], matcher, False)
             log.write({"step": step + 1, "eval": report.summary(val_report)})
     checkpoint.export(policy, processor, out / "final")
     return out / "final"
 
 
-def evaluate(args, policy, processor, manifest, matcher, progress=True):
-    """eval.py on the first --eval_limit clips of a manifest (0: all)."""
-    records = parallel.from_rank0(data.load_manifest, manifest)
+def evaluate(args, policy, processor, records, matcher, progress=True):
+    """eval.py on the first --eval_limit records of a loaded manifest (0: all)."""
     return evaluation.evaluate(
         policy,
         processor,
@@ -249,18 +271,24 @@ def main(args):
     config.apply_profile(args, device)
     # ranks must sample different completions for their clips
     torch.manual_seed(args.seed + rank)
-    config.default_assets(args, rank == 0)
+    preflight.require_manifests(args)
+    preflight.default_assets(args, rank == 0)
     # rewards, routing, eval's cue recovery
     matcher = Matcher(args.embedder or None, device=device)
-    init = args.init or args.model
-    for stage in args.stages.split(","):
-        init = run_stage(stage, args, init, rank, world, device, matcher)
-    policy, processor = model.load_policy(init)
-    policy = parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
-    test_report = evaluate(args, policy, processor, args.test_data, matcher)
-    if rank == 0:
-        report.save(test_report, Path(args.out) / "test_report.json")
-        print(report.table(test_report))
+    # before the first step: the output directory, the resumed arguments, every manifest
+    with rundir.locked(args.out):
+        changes = rundir.check_resume(args)
+        manifests = preflight.load_manifests(args)
+        init = args.init or args.model
+        for stage in args.stages.split(","):
+            init = run_stage(stage, args, init, rank, world, device, matcher, manifests, changes)
+        policy, processor = model.load_policy(init)
+        policy = parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
+        test_report = evaluate(args, policy, processor, manifests["test"], matcher)
+        test_report["manifests"] = preflight.summary(args, manifests)
+        if rank == 0:
+            print(report.table(test_report))
+            report.save(test_report, Path(args.out) / "test_report.json")
     dist.destroy_process_group()
 
 

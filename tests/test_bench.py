@@ -200,6 +200,9 @@ def test_fsdp_unsharded_gathers_once(run):
     """FSDP2 units: 2 decoder layers, vision, audio, root. Generating T tokens re-gathers the
     layers and the root at every forward unless parallel.unsharded (the towers ran before:
     features shared)."""
+    # imported here: run as the torchrun worker, this file needs nothing of train_runs
+    from train_runs import free_port
+
     out = run[0]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -208,7 +211,7 @@ def test_fsdp_unsharded_gathers_once(run):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29613",
+            f"--master_port={free_port()}",
             __file__,
             str(out),
             str(B),

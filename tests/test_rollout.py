@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_runs import free_port
 
 import batching
 import data
@@ -201,7 +202,7 @@ def test_fsdp_rollout_matches_single_process(tiny_dir, synth_dir, tmp_path):
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            "--master_port=29611",
+            f"--master_port={free_port()}",
             str(worker),
             str(tiny_dir),
             str(synth_dir),

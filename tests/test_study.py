@@ -1,4 +1,4 @@
-"""tools/study.py end to end at a toy size: SFT, the four RL variants, the table and the plot."""
+"""tools/study.py end to end at a toy size: SFT, the default RL variants, the table and the plot."""
 
 import json
 
@@ -29,7 +29,7 @@ def test_study_pipeline_toy(tiny_dir, synth_dir, tmp_path):
         ]
     )
     rows = json.loads((out / "study.json").read_text())
-    assert list(rows) == ["SFT", *study.VARIANTS]
+    assert list(rows) == ["SFT", *study.DEFAULT_VARIANTS]
     for name, row in rows.items():
         assert set(row) == set(study.COLUMNS) and all(
             0 <= m <= 1 and s == 0 for m, s in row.values()

@@ -6,6 +6,7 @@ gradients of batches where a rank lacks video or audio.
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -119,7 +120,27 @@ def test_oppo_steps_log_every_metric_and_change_the_parameters(ref):
     assert (ref / "test_report.json").exists()
 
 
+def test_each_log_line_has_the_lr_its_step_used_and_an_int_step(
+    tiny_dir, synth_dir, matcher, tmp_path
+):
+    """A 2-step warm-up: step 1 runs at half the learning rate, step 2 at all of it."""
+    kw = dict(stages="sft", sft_steps=2, warmup=2, eval_every=0, eval_limit=1)
+    run_inprocess(matcher, **run_args(tiny_dir, synth_dir, tmp_path, **kw))
+    lines = read_log(tmp_path / "sft" / "log.jsonl")
+    assert [ln["step"] for ln in lines] == [1, 2]
+    assert all(isinstance(ln["step"], int) for ln in lines)
+    assert [ln["lr"] for ln in lines] == pytest.approx([5e-3, 1e-2])
+
+
 # ---------------------------------------------------------------- 2. two processes, FSDP2
+def test_no_test_binds_a_fixed_port():
+    """A fixed --master_port collides with any other run on the machine: a free one each time
+    (train_runs.free_port)."""
+    fixed = re.compile(r"master_port=\d")
+    tests = sorted((ROOT / "tests").glob("*.py"))
+    assert [path.name for path in tests if fixed.search(path.read_text())] == []
+
+
 def test_two_fsdp_processes_give_the_one_process_sft_losses(ref, fsdp):
     one = steps(read_log(ref / "sft" / "log.jsonl"))
     two = steps(read_log(fsdp / "sft" / "log.jsonl"))

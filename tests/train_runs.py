@@ -68,6 +68,26 @@ def cli(kw):
     return [f"--{k}={v}" for k, v in kw.items()]
 
 
+def copy_manifest(src, dst, changes=None, lines=None):
+    """The first `lines` lines of manifest `src` written to `dst`, media paths made absolute so
+    that they resolve from there; changes = {line number: fields to set, or a whole line}."""
+    src = Path(src)
+    changes = changes or {}
+    written = []
+    for n, line in enumerate(src.read_text().splitlines()[:lines], 1):
+        record = json.loads(line)
+        for key in ("video", "audio", "cache"):
+            if record.get(key):
+                record[key] = str(src.parent / record[key])
+        change = changes.get(n, {})
+        if isinstance(change, str):
+            written.append(change)
+            continue
+        written.append(json.dumps({**record, **change}))
+    Path(dst).write_text("\n".join(written) + "\n")
+    return Path(dst)
+
+
 def run_inprocess(matcher, **kw):
     """train.main in this process (1 thread, the session's matcher): the in-memory model is
     reachable."""

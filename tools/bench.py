@@ -1,7 +1,8 @@
 """Benchmark: what an OPPO step costs against plain GRPO, where its time goes, and the levers.
 
     python -m tools.bench                              # CPU: tiny thinker, B=4, G=8, 64 tokens
-    python -m tools.bench --only step,levers --steps 7   # sections: step, levers, scaling
+    python -m tools.bench --only step,levers --steps 7   # sections: step, levers, scaling, switches
+    python -m tools.bench --only switches --init runs/oppo/sft/final --tokens 96   # real evidence
     python -m tools.bench --config 7b --B 1 --tokens 512 --frames 8 --size 756   # GPU: 7B shapes
 
 It times the training code itself (train.oppo_step; rollout's generate and scoring) with the
@@ -27,12 +28,20 @@ from tools.shapes import REAL
 @dataclass
 class Args:
     only: str = field(
-        default="step,levers,scaling", metadata={"help": "sections to run, comma-separated"}
+        default="step,levers,scaling,switches",
+        metadata={"help": "sections to run, comma-separated"},
     )
     config: str = field(default="", metadata={"help": "3b|7b: the real thinker's shapes, GPU only"})
     out: str = field(
         default="runs/bench",
         metadata={"help": "directory of the tiny thinker and the world, built when absent"},
+    )
+    init: str = field(
+        default="",
+        metadata={
+            "help": "CPU: start from this thinker export (e.g. an SFT checkpoint, whose "
+            "completions hold evidence) instead of the random tiny thinker in --out"
+        },
     )
     B: int = field(default=4, metadata={"help": "clips per step"})
     G: int = field(default=8, metadata={"help": "completions per clip"})
@@ -108,6 +117,32 @@ def bench_step(ctx):
     return runs
 
 
+# the configurations of the switches section: OPPO with each faithfulness switch, beside GRPO
+SWITCH_CONFIGS = {
+    "grpo": {"perception_reward": False, "perception_loss": False},
+    "oppo": {},
+    "oppo_masked_grad": {"masked_grad": True},
+    "oppo_masked_rollouts": {"masked_rollouts": 4},
+    # a random thinker routes no evidence: form (a) and (b) of Eq. (10) with every token routed
+    "oppo_every_token": {"every_token": True},
+    "oppo_masked_grad_every_token": {"masked_grad": True, "every_token": True},
+}
+SWITCH_KEYS = ("step", "generate", "masked", "ref", "update", "mr", "peak_mb", "masked_rows")
+
+
+def bench_switches(ctx):
+    """GRPO, OPPO and OPPO with each switch (--masked_grad also with every token routed),
+    interleaved; ratios to GRPO."""
+    rounds = {name: partial(timed_step, ctx, **over) for name, over in SWITCH_CONFIGS.items()}
+    runs = interleave(rounds, ctx.args.warmup, ctx.args.steps)
+    table("Faithfulness switches, s", runs, SWITCH_KEYS)
+    for name in SWITCH_CONFIGS:
+        step_ratio = paired(runs, "grpo", name, "step")
+        update_ratio = paired(runs, "grpo", name, "update")
+        print(f"  {name}: step / GRPO's {step_ratio:.3f}, update / GRPO's {update_ratio:.3f}")
+    return runs
+
+
 def bench_scaling(ctx):
     """OPPO steps with one knob at a time moved from the default: G, the token cap, the frames."""
     args = ctx.args
@@ -160,6 +195,8 @@ def main(argv=None):
             table(f"Lever {name}: A used, B not, B/A = {ratio:.2f}", runs, ("t", "peak_mb"))
     if "scaling" in sections:
         results["scaling"] = bench_scaling(ctx)
+    if "switches" in sections:
+        results["switches"] = bench_switches(ctx)
     return results
 
 

@@ -50,8 +50,15 @@ class Bench:
 
 def thinkers(args, records, device):
     """(policy, reference, processor): random weights of a real config's shapes with the tiny
-    processor (128 mel bins, big frames), or the tiny thinker in --out (built when absent)."""
+    processor (128 mel bins, big frames), the export in --init, or the tiny thinker in --out
+    (built when absent)."""
     out = Path(args.out)
+    if args.init and args.config:
+        raise SystemExit("tools/bench.py: --init and --config exclude each other")
+    if args.init:
+        policy, processor = model.load_policy(args.init)
+        ref = model.load_policy(args.init)[0]
+        return policy, ref, processor
     if not args.config:
         if not (out / "tiny" / "config.json").exists():
             tiny.build_tiny(out / "tiny", seed=0, corpus=batching.corpus(records))
@@ -76,7 +83,7 @@ def setup(args):
     """Process group, 8-frame world, the two thinkers, optimizer, counting hooks, one batch."""
     # train.oppo_step sums its counts over ranks: a group of one rank
     if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        parallel.init()
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_train = max(12, 3 * args.B)
@@ -87,8 +94,10 @@ def setup(args):
     # one process: moved to the device; a 3B/7B also activation-checkpointed
     parallel.shard(policy.train(), device, False, bool(args.config))
     parallel.shard(ref.requires_grad_(False), device)
-    # the CPU profile, with one micro-batch of all B clips
+    # the CPU profile, with one micro-batch of all B clips; the masked rollouts route their
+    # claims against the cue inventory of this world's training manifest
     overrides = {
+        "data": str(out / "synth" / "train.jsonl"),
         "batch": args.B,
         "G": args.G,
         "max_new_tokens": args.tokens,
@@ -156,6 +165,14 @@ def timed_step(ctx, i, batch=None, media=None, every_token=False, **over):
 
     result = timed(ctx.counts, step)
     N = len(batch) * targs.G
+    # the rows sampled under x\v and x\a by --masked_rollouts, and their seconds
+    masked_rollout_rows = 0
+    masked_rollout_time = 0.0
+    for key, value in step_metrics.items():
+        if key.startswith("masked_rollouts/") and key.endswith("_rows"):
+            masked_rollout_rows += value
+        if key.startswith("masked_rollouts/") and key.endswith("_time"):
+            masked_rollout_time += value
     prompt = float(media["attention_mask"].sum()) * targs.G
     result.update(
         step=result.pop("t"),
@@ -164,7 +181,9 @@ def timed_step(ctx, i, batch=None, media=None, every_token=False, **over):
         update=step_metrics["time/update"],
         masked=step_metrics.get("time/masked", 0),
         masked_rows=step_metrics.get("masked_rows", 0),
-        C=result["update.head_rows"] / N - 1,
+        mr=masked_rollout_time,
+        # rows run to the token cap: the update's LM head sees C + 1 positions a row
+        C=result["update.head_rows"] / (N + masked_rollout_rows) - 1,
         generate=step_metrics["time/rollout_generate"],
         ref=step_metrics["time/rollout_ref"],
     )

@@ -1,14 +1,16 @@
 """The CPU ablation study: does OPPO raise utilization and faithfulness over GRPO?
 
     python -m tools.study             # SFT once, then 4 RL variants x 3 seeds, then the table
+    python -m tools.study --variants GRPO,GRPO+OPR,GRPO+OPL,OPPO   # the ablation of OPPO's parts
     python -m tools.study --steps 2 --seeds 0 --sft_steps 4 --out runs/study_toy   # a toy run
 
 One SFT cold start on the synthetic train split, then from that one checkpoint one RL run per
-variant and seed with identical budgets (GRPO = accuracy + format; + Omni-Perception Reward;
-+ Omni-Perception Loss; full OPPO), each evaluated by eval.py on the synthetic test split with
-full, video-masked and audio-masked inputs. Writes <out>/table.md (mean and std over seeds),
-<out>/study.json and <out>/study.png. Every run is a train.py subprocess, so each is exactly
-what a user can rerun.
+variant and seed with identical budgets (by default GRPO = accuracy + format; full OPPO; OPPO
+with the masked branch trained, --masked_grad; OPPO with masked rollouts, --masked_rollouts 4;
+selectable: + Omni-Perception Reward, + Omni-Perception Loss), each evaluated by eval.py on the
+synthetic test split with full, video-masked and audio-masked inputs. Writes <out>/table.md
+(mean and std over seeds), <out>/study.json and <out>/study.png. Every run is a train.py
+subprocess, so each is exactly what a user can rerun.
 """
 
 import json
@@ -32,7 +34,11 @@ VARIANTS = {
     "GRPO+OPR": {"perception_reward": True, "perception_loss": False},
     "GRPO+OPL": {"perception_reward": False, "perception_loss": True},
     "OPPO": {"perception_reward": True, "perception_loss": True},
+    "OPPO+MG": {"perception_reward": True, "perception_loss": True, "masked_grad": True},
+    "OPPO+MR": {"perception_reward": True, "perception_loss": True, "masked_rollouts": 4},
 }
+# the variants a study runs unless --variants says otherwise
+DEFAULT_VARIANTS = ("GRPO", "OPPO", "OPPO+MG", "OPPO+MR")
 # each column of the table: eval.py's metric key -> the table's name
 COLUMNS = {
     "war": "accuracy",
@@ -55,7 +61,7 @@ class Args:
         default=None, metadata={"help": "SFT steps (train.py's CPU default if unset)"}
     )
     variants: str = field(
-        default=",".join(VARIANTS),
+        default=",".join(DEFAULT_VARIANTS),
         metadata={"help": "comma-separated subset of " + ", ".join(VARIANTS)},
     )
     eval_limit: int = field(default=200, metadata={"help": "test clips evaluated per run"})
@@ -87,6 +93,9 @@ def rl_command(common, variant, seed, init, run_dir, steps):
 def main(argv=None):
     parser = HfArgumentParser(Args, description=__doc__.split("\n")[0])
     (args,) = parser.parse_args_into_dataclasses(args=argv)
+    unknown = [variant for variant in args.variants.split(",") if variant not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     out = Path(args.out)
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,184 @@
+"""What a run checks before its first step: it never trains or reports on silently fewer clips,
+and never does long work it cannot save.
+
+- `require_manifests`: with --data, every other manifest the run reads must be named too;
+  without it, `default_assets` builds the synthetic world (and the tiny thinker without --model).
+- `load_manifests`: every manifest the run will read (train; val with --eval_every; test) is
+  loaded on rank 0 and sent to every rank; each one's records and skipped lines are printed; a
+  manifest with more skipped lines than --max_bad_records, or no record at all, refuses the run.
+  Records whose audio is longer than the processor keeps are counted and printed. The test
+  report's path is checked writable with them.
+- `stage_records`: SFT records whose prompt text and target alone need more positions than the
+  model has refuse the run (their media's positions come on top).
+- `summary`: the counts, for `<out>/run.jsonl` and test_report.json.
+"""
+
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import WhisperFeatureExtractor
+
+import batching
+import data
+import media
+import parallel
+import report
+import rundir
+import synth
+import tiny
+
+# the flag of each split's manifest
+FLAGS = {"train": "data", "val": "val_data", "test": "test_data"}
+# skipped lines quoted in a refusal, and kept in a summary
+SHOWN = 5
+KEPT = 20
+
+
+def require_manifests(args):
+    """With --data the run's other manifests have no default (the synthetic world's would be
+    wrong): SystemExit naming each flag it needs, --test_data, and --val_data with --eval_every."""
+    if not args.data:
+        return
+    missing = []
+    if not args.test_data:
+        missing.append("--test_data (the final evaluation's manifest)")
+    if args.eval_every and not args.val_data:
+        missing.append("--val_data (the manifest --eval_every evaluates)")
+    if missing:
+        rundir.refuse(f"with --data, give {' and '.join(missing)} too")
+
+
+def default_assets(args, master):
+    """`python train.py` with no paths: build the synthetic world and the tiny thinker if absent."""
+    if not args.data:
+        # a manifest given stays
+        for flag, split in zip(("data", "val_data", "test_data"), synth.SPLITS):
+            if not getattr(args, flag):
+                setattr(args, flag, f"runs/synth/{split}.jsonl")
+        if master:
+            synth.ensure_world("runs/synth", frames=args.frames)
+    dist.barrier()
+    if not args.model:
+        args.model = tiny.TINY_DIR
+        if master and not (Path(args.model) / "config.json").exists():
+            corpus = batching.corpus(data.load_manifest(args.data))
+            tiny.build_tiny(args.model, seed=0, corpus=corpus)
+    dist.barrier()
+
+
+def needed(args):
+    """{split: path} of every manifest the run reads."""
+    paths = {"train": args.data, "test": args.test_data}
+    if args.eval_every:
+        paths["val"] = args.val_data
+    return paths
+
+
+def load_manifests(args):
+    """{split: data.Manifest} of `needed` on every rank, their counts logged in the run's log;
+    or SystemExit on every rank naming the flag, the manifest and its first skipped lines."""
+    manifests, problem = parallel.from_rank0(_load, args)
+    if problem:
+        rundir.refuse(problem)
+    start = {"event": "start", "manifests": summary(args, manifests)}
+    rundir.log_event(args.out, start, dist.get_rank() == 0)
+    return manifests
+
+
+def _load(args):
+    """(manifests, None), or (None, why the run cannot start); rank 0."""
+    manifests = {}
+    window = audio_window(args.model)
+    for split, path in needed(args).items():
+        flag = f"--{FLAGS[split]}"
+        try:
+            manifest = data.load_manifest(path, audio_window=window)
+        except data.DataError as err:
+            return None, f"{flag}: {err}"
+        skipped = manifest.errors
+        counts = f"{len(manifest)} records, {len(skipped)} lines skipped"
+        if manifest.truncated_audio:
+            counts += f", {manifest.truncated_audio} with audio cut to the first {window:g} s"
+        print(f"train.py: {flag} {path}: {counts}", *skipped[:KEPT], sep="\n  ")
+        quoted = "\n  ".join(skipped[:SHOWN])
+        if not manifest:
+            return None, f"{flag} {path}: no usable record, every line skipped:\n  {quoted}"
+        if len(skipped) > args.max_bad_records:
+            return None, (
+                f"{flag} {path}: {len(skipped)} lines skipped, more than --max_bad_records "
+                f"{args.max_bad_records}; the first:\n  {quoted}\nfix them, or accept training "
+                f"and evaluating without them with --max_bad_records {len(skipped)}"
+            )
+        manifests[split] = manifest
+    # the run's result, written at its end
+    test_report = Path(args.out) / "test_report.json"
+    problem = report.unwritable(test_report)
+    if problem:
+        return None, f"{test_report} {problem}"
+    return manifests, None
+
+
+def audio_window(model_dir):
+    """Seconds of audio the model's processor keeps (media.audio_window), read from its feature
+    extractor's config alone: the model is not loaded yet."""
+    extractor = WhisperFeatureExtractor.from_pretrained(model_dir, local_files_only=True)
+    return extractor.n_samples / media.SR
+
+
+def stage_records(stage, manifests, policy, processor):
+    """The records a stage trains on: the train manifest's. SFT trains on each record's prompt
+    followed by its target: SystemExit on every rank listing the records whose prompt text and
+    target tokens alone exceed the model's positions (max_position_embeddings)."""
+    records = manifests["train"]
+    if stage != "sft":
+        return records
+    limit = policy.config.text_config.max_position_embeddings
+    problem = parallel.from_rank0(_too_long, records, processor, limit)
+    if problem:
+        rundir.refuse(problem)
+    return records
+
+
+def _too_long(records, processor, limit):
+    """Why some records are too long for SFT, or None; rank 0."""
+    prompts = []
+    for rec in records:
+        chat = batching.messages(rec, "video" in rec, "audio" in rec)
+        prompts.append(
+            processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        )
+    # as train.sft_step tokenizes them
+    targets = [batching.target_text(rec) + "<|im_end|>" for rec in records]
+    tok = processor.tokenizer
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    target_ids = tok(targets, add_special_tokens=False)["input_ids"]
+    over = []
+    for rec, prompt, target in zip(records, prompt_ids, target_ids):
+        if len(prompt) + len(target) > limit:
+            over.append(f"{rec['source']}: {len(prompt)} prompt + {len(target)} target tokens")
+    if not over:
+        return None
+    quoted = "\n  ".join(over[:SHOWN])
+    return (
+        f"--data: {len(over)} records need more positions than the model's {limit} "
+        f"(max_position_embeddings) for SFT, before their media's; the first:\n  {quoted}\n"
+        "shorten their reasoning, or leave them out of the manifest"
+    )
+
+
+def summary(args, manifests):
+    """{split: {"path", "records", "skipped", "errors" (the first KEPT), and for val and test
+    "evaluated" (the first --eval_limit records)}}."""
+    out = {}
+    for split, manifest in manifests.items():
+        entry = {
+            "path": str(getattr(args, FLAGS[split])),
+            "records": len(manifest),
+            "skipped": len(manifest.errors),
+            "truncated_audio": manifest.truncated_audio,
+            "errors": manifest.errors[:KEPT],
+        }
+        if split != "train":
+            entry["evaluated"] = len(manifest[: args.eval_limit or None])
+        out[split] = entry
+    return out
