@@ -179,7 +179,12 @@ def markdown(rows, n_seeds, seconds):
     for name, row in rows.items():
         cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |\n")
-    footer = f"mean ± std over {n_seeds} seed(s) (SFT: one run); wall time {seconds / 60:.1f} min"
+    minutes = seconds / 60
+    # runs finished by an earlier invocation are reused, not timed again
+    footer = (
+        f"mean ± std over {n_seeds} seed(s) (SFT: one run); "
+        f"wall time of this invocation {minutes:.1f} min"
+    )
     lines.append(f"\n{footer}\n")
     return "".join(lines)
 
