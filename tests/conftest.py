@@ -51,3 +51,15 @@ def synth_world(tmp_path_factory):
     for split, path in paths.items():
         records[split] = [json.loads(line) for line in open(path)]
     return out, records
+
+
+@pytest.fixture(scope="module")
+def group():
+    """The 1-process group train.py makes (parallel.init), for parallel.shard and the export."""
+    import torch.distributed as dist
+
+    import parallel
+
+    parallel.init()
+    yield
+    dist.destroy_process_group()

@@ -34,14 +34,6 @@ print(json.dumps([sums, means]))
 
 
 @pytest.fixture(scope="module")
-def group():
-    """The 1-process group train.py makes (parallel.init), for parallel.shard."""
-    parallel.init()
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def sft_batch(tiny_dir, synth_dir):
     """Two validation clips with their reference targets appended, and labels on the targets."""
     processor = model.load_policy(tiny_dir)[1]

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import batching
 import checkpoint
@@ -96,14 +95,6 @@ def python_run(tiny_dir, synth_dir, tmp_path_factory):
     """Plain python on CUDA in fp32, the plain module (FSDP2 in bf16 on plain python's in-memory
     store is the in-process tests' below); also the uninterrupted run `resumed` is held to."""
     return cuda_run(tiny_dir, synth_dir, tmp_path_factory.mktemp("python"), bf16=False)
-
-
-@pytest.fixture(scope="module")
-def group():
-    """The 1-process group train.py makes (parallel.init), for parallel.shard and the export."""
-    parallel.init()
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
