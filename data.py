@@ -2,13 +2,14 @@
 
 A manifest (docs/method.md, section 8) is UTF-8 JSON lines {"id", "video", "audio", "subtitle",
 "label", "reasoning", "cues": {"visual", "acoustic", "emotion"}}, media paths relative to it,
-either medium may be absent. Real corpora (MER2023/2024, MER-Caption+, MAFW, DFEW) need one;
-synth.py writes one and adds `cache` and `scenario`. Media files are read by media.py, missing
-cue lists are decomposed from the reasoning by cues.py, and batching.py makes a batch of records
-the thinker's inputs.
+either medium may be absent. The synthetic world (synthetic/world.py) writes one and adds
+`cache` and `scenario`. One line is parsed and checked by corpora/records.py, media files are
+read by thinker/media.py, missing cue lists are decomposed from the reasoning by
+corpora/decompose.py, and thinker/batching.py makes a batch of records the thinker's inputs.
 
     python data.py --check runs/synth/train.jsonl   # load, decode every record, summarise
-    python data.py --make-world runs/synth          # the default synthetic world (synth.py --help)
+    python data.py --make-world runs/synth          # the default synthetic world
+                                                    # (python -m synthetic.world --help)
 """
 
 import codecs
@@ -17,6 +18,7 @@ import json
 import sys
 import warnings
 import zlib
+from argparse import RawDescriptionHelpFormatter
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,10 @@ from typing import Literal
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-import media
-import records
-import synth
-from cues import CUE_KINDS
-from media import DataError
+from corpora import records
+from corpora.decompose import CUE_KINDS
+from thinker import media
+from thinker.media import DataError
 
 # what a line that cannot become a record raises
 LINE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DataError)
@@ -52,7 +53,7 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
 
     A line that is not UTF-8 JSON, lacks id or label, has a blank label or cue, holds text that
     is not valid Unicode (a lone surrogate escape), repeats an id, names a missing or unreadable
-    file, or audio too short for an audio token (headers read when check_media; a synth.py cache
+    file, or audio too short for an audio token (headers read when check_media; a synthetic cache
     instead of the media files when it has one) is skipped into .errors (on_error="skip") or
     raises DataError. audio_window: seconds the processor keeps (media.audio_window); records
     with longer audio are counted into .truncated_audio and one warning.
@@ -222,14 +223,14 @@ def _media_present(record):
 
 def main(argv=None):
     parser = HfArgumentParser(
-        Args,
-        description=__doc__,
-        epilog="The generator, synth.py: " + synth.__doc__,
-        formatter_class=synth.HelpFormatter,
+        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
     )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.make_world:
-        paths = synth.ensure_world(args.make_world)
+        # the synthetic package is loaded only to build a world
+        from synthetic import world
+
+        paths = world.ensure_world(args.make_world)
         print("manifests:", ", ".join(str(p) for p in paths.values()))
     passed = True
     if args.check:

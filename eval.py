@@ -3,7 +3,8 @@
 docs/method.md, section 7. Each record is answered (greedy by default) with the full input, the
 video fully masked and the audio fully masked. Full input: WAR / UAR, MER-UniBench-style HIT,
 open-vocabulary P / R / F, sentiment WAF / accuracy, utilization U^m; with m masked: WAR and
-faithfulness F^m = 1 - CHAIR^m. The metrics themselves are in metrics.py, reports in report.py.
+faithfulness F^m = 1 - CHAIR^m. The metrics themselves are in metrics/, reports in
+metrics/report.py.
 Commands:
   python eval.py --model runs/tiny --data runs/synth/test.jsonl --out runs/eval/tiny.json
   torchrun --nproc_per_node=8 eval.py --model DIR --data test.jsonl --out ours.json --bf16
@@ -21,17 +22,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-import batching
 import data
-import metrics
-import model
-import parallel
-import perception_loss
-import report
 import reward
 import rollout
-import scoring
-from matcher import Matcher
+from matching.matcher import Matcher
+from metrics import perception, recognition, report
+from runtime import parallel
+from thinker import batching, model, scoring
 
 # each run of a record: the modality its input has masked
 MASKS = {"full": None, "no_video": "video", "no_audio": "audio"}
@@ -40,24 +37,6 @@ FEATURES = ("pixel_values_videos", "input_features")
 
 
 # ---------------------------------------------------------------- scoring
-# Eq. (9)
-def claims(sim, tau):
-    """How many clauses of one completion are visual claims and how many acoustic ones."""
-    routes = perception_loss.route_clauses(sim.S["visual"], sim.S["acoustic"], tau)
-    return {sense: routes.count(sense) for sense in metrics.SENSES}
-
-
-def cue_inventory(cues):
-    """Every visual and every acoustic cue of the dataset, sorted: {sense: [cue, ...]}."""
-    inventory = {}
-    for sense in metrics.SENSES:
-        phrases = set()
-        for record_cues in cues:
-            phrases.update(record_cues.get(sense) or [])
-        inventory[sense] = sorted(phrases)
-    return inventory
-
-
 def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3):
     """The report of completions `texts` = {"full", "no_video", "no_audio"} -> list[str].
 
@@ -69,10 +48,10 @@ def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3
             f"eval.score: texts needs keys {list(MASKS)}, each one completion per record"
         )
     cues = [r.get("cues") or {} for r in records]
-    inventory = cue_inventory(cues)
+    inventory = perception.cue_inventory(cues)
     full = matcher.similarities(texts["full"], cues)
     masked = {}
-    for run in metrics.CLAIMED:
+    for run in perception.CLAIMED:
         masked[run] = matcher.similarities(texts[run], [inventory] * len(records))
     rows = []
     for i, record in enumerate(records):
@@ -82,18 +61,19 @@ def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3
             "format": reward.format_reward(texts["full"][i]),
             "answer": {run: reward.extract_answer(texts[run][i]) for run in MASKS},
             "u": {
-                sense: metrics.recovered_share(full[i].S[sense], theta) for sense in metrics.SENSES
+                sense: perception.recovered_share(full[i].S[sense], theta)
+                for sense in perception.SENSES
             },
-            "claims": {run: claims(masked[run][i], tau) for run in metrics.CLAIMED},
+            "claims": {run: perception.claims(masked[run][i], tau) for run in perception.CLAIMED},
         }
         rows.append(row)
-    result = metrics.summarize(rows, wheels)
+    result = report.summarize(rows, wheels)
     # only the synthetic world's records have a scenario
     scenarios = sorted({str(r["scenario"]) for r in records if "scenario" in r})
     result["per_scenario"] = {}
     for scenario in scenarios:
         in_scenario = [row for row, r in zip(rows, records) if str(r.get("scenario")) == scenario]
-        result["per_scenario"][scenario] = metrics.summarize(in_scenario, wheels)
+        result["per_scenario"][scenario] = report.summarize(in_scenario, wheels)
     result["examples"] = []
     for i, record in enumerate(records[:n_examples]):
         completions = {run: texts[run][i] for run in MASKS}
@@ -131,12 +111,41 @@ def evaluate(
     top_p=1.0,
     wheels=None,
 ):
-    """Answer every record under the three inputs (rollout.generate, G = 1) and score them.
+    """Answer every record under the three inputs (`answer`) and score them (`score`).
+
+    Under torch.distributed rank 0 scores (only it needs a matcher) and every rank returns the
+    same report. `wheels`: see metrics.recognition.load_wheels.
+    """
+    sampling = dict(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
+    )
+    texts = answer(policy, processor, records, batch_size, frames, progress, sampling)
+    scored = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        scored = [score(records, texts, matcher, theta, tau, wheels)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(scored, src=0)
+    result = scored[0]
+    result["settings"] = {
+        "n": len(records),
+        "greedy": greedy,
+        "temperature": temperature,
+        "top_p": top_p,
+        "theta": theta,
+        "tau": tau,
+        "max_new_tokens": max_new_tokens,
+        "frames": frames,
+        "wheels": len(wheels or []),
+    }
+    return result
+
+
+def answer(policy, processor, records, batch_size, frames, progress, sampling):
+    """{run: one completion per record} for the runs of MASKS (rollout.generate, G = 1; sampling:
+    its temperature, top_p, max_new_tokens and greedy).
 
     Under torch.distributed, rank r answers records[r::world]: every rank makes the same number
-    of generate calls (generate is collective under FSDP), the texts are all-gathered, rank 0
-    scores (only it needs a matcher) and every rank returns the same report.
-    `wheels`: see metrics.load_wheels.
+    of generate calls (generate is collective under FSDP) and the texts are all-gathered.
     """
     rank, world = 0, 1
     if dist.is_initialized():
@@ -145,9 +154,7 @@ def evaluate(
     steps = math.ceil(len(records) / (world * batch_size))
     texts = {run: [] for run in MASKS}
     param = next(policy.parameters())
-    was_training = policy.training
-    policy.eval()
-    with parallel.unsharded(policy):
+    with parallel.unsharded(policy), rollout.sampling_mode(policy):
         for step in tqdm(range(steps), desc="eval", disable=not progress or rank != 0):
             batch_records = shard[step * batch_size : (step + 1) * batch_size]
             answered = len(batch_records)
@@ -165,36 +172,17 @@ def evaluate(
                 video = scoring.encode_video(policy, inputs)
                 # G = 1: one row a record
                 prompts = scoring.expand(inputs, 1, video)
-                _, _, completions = rollout.generate(
-                    policy, processor, prompts, temperature, top_p, max_new_tokens, greedy
-                )
+                _, _, completions = rollout.generate(policy, processor, prompts, **sampling)
                 texts[run] += completions[:answered]
-    policy.train(was_training)
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, texts)
-        # record i was the (i // world)-th answer of rank i % world
-        texts = {}
-        for run in MASKS:
-            texts[run] = [parts[i % world][run][i // world] for i in range(len(records))]
-    scored = [None]
-    if rank == 0:
-        scored = [score(records, texts, matcher, theta, tau, wheels)]
-    if world > 1:
-        dist.broadcast_object_list(scored, src=0)
-    result = scored[0]
-    result["settings"] = {
-        "n": len(records),
-        "greedy": greedy,
-        "temperature": temperature,
-        "top_p": top_p,
-        "theta": theta,
-        "tau": tau,
-        "max_new_tokens": max_new_tokens,
-        "frames": frames,
-        "wheels": len(wheels or []),
-    }
-    return result
+    if world == 1:
+        return texts
+    parts = [None] * world
+    dist.all_gather_object(parts, texts)
+    # record i was the (i // world)-th answer of rank i % world
+    gathered = {}
+    for run in MASKS:
+        gathered[run] = [parts[i % world][run][i // world] for i in range(len(records))]
+    return gathered
 
 
 # ---------------------------------------------------------------- command line
@@ -215,7 +203,7 @@ class Args:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling's p (--sample)"})
     sample: bool = field(default=False, metadata={"help": "sample (--temperature, --top_p)"})
     wheels: str | None = field(
-        default=None, metadata={"help": "directory of emotion-wheel files (metrics.load_wheels)"}
+        default=None, metadata={"help": "directory of emotion-wheel files (metrics/recognition.py)"}
     )
     embedder: str | None = field(
         default=None, metadata={"help": "sentence-embedding model dir (default all-MiniLM-L6-v2)"}
@@ -239,7 +227,7 @@ def evaluate_model(args):
         sys.exit(f"eval.py: --data {args.data}: the manifest holds no records")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy, processor = model.load_policy(args.model, dtype=dtype)
-    wheels = metrics.load_wheels(args.wheels) if args.wheels else None
+    wheels = recognition.load_wheels(args.wheels) if args.wheels else None
     result = evaluate(
         policy.to(device),
         processor,

@@ -3,7 +3,8 @@
 Eqs. (5)-(8) and (12) (docs/method.md, sections 3 and 4) as pure functions of tensors that return
 `(loss, metrics)`: no model calls and no torch.distributed, so each can be read beside the
 equations and tested without a model. The Omni-Perception Loss, Eqs. (9)-(11), is in
-perception_loss.py.
+perception_loss.py. At the end, `update`: the step's loss, Eq. (12), back-propagated over
+micro-batches of clips, with the policy's log-probs recomputed with gradient.
 Shapes: N completions in the (micro-)batch, the G samples of each prompt contiguous (N = B * G);
 C completion positions, right-padded, `mask` (N, C) is 1 on response tokens and 0 on padding.
 Metrics are detached 0-dim tensors computed over this call's tokens alone; the losses take
@@ -13,7 +14,13 @@ Where this implementation departs from or fills in the paper: docs/method.md, se
 """
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+import perception_loss
+from runtime import parallel
+from thinker import microbatch, scoring
+from variants import masked_grad
 
 AGGREGATIONS = ("token-mean", "seq-mean")
 
@@ -23,8 +30,9 @@ def _check_shape(fn: str, name: str, t, shape) -> None:
         raise ValueError(f"oppo.{fn}: `{name}` has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
-def _count(n, local: Tensor) -> Tensor:
-    """A normaliser: the global count `n` when given (int or tensor), else `local`; at least 1."""
+def normaliser(n, local: Tensor) -> Tensor:
+    """The count a loss is divided by: the global count `n` when given (int or tensor), else
+    `local`; at least 1."""
     n = local if n is None else torch.as_tensor(n, dtype=local.dtype, device=local.device)
     return n.clamp(min=1)  # an empty batch gives loss 0, never 0 / 0
 
@@ -100,10 +108,10 @@ def aggregate(x: Tensor, mask: Tensor, agg: str = "token-mean", num_tokens=None,
     seq-mean: each sequence's own token mean, summed and divided by num_seqs (default N).
     """
     if agg == "token-mean":
-        return (x * mask).sum() / _count(num_tokens, mask.sum())
+        return (x * mask).sum() / normaliser(num_tokens, mask.sum())
     if agg == "seq-mean":
         per_seq = (x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (N,)
-        return per_seq.sum() / _count(num_seqs, mask.new_tensor(float(x.shape[0])))
+        return per_seq.sum() / normaliser(num_seqs, mask.new_tensor(float(x.shape[0])))
     raise ValueError(f"oppo.aggregate: `agg` must be one of {AGGREGATIONS}, got {agg!r}")
 
 
@@ -175,3 +183,90 @@ def total_loss(pg_loss: Tensor, op_loss=None) -> Tensor:
     """L = agg(pg_t + beta kl_t) + L_op: `pg_loss` is policy_loss's output (KL included),
     `op_loss` perception_loss's, or None for plain GRPO."""
     return pg_loss if op_loss is None else pg_loss + op_loss
+
+
+# ---------------------------------------------------------------- the update
+# Eq. (12), over micro-batches
+def update(args, policy, roll, adv, evidence):
+    """Back-propagate the step's loss L = agg(pg_t + beta kl_t) + L_op, `--micro_batch` clips
+    at a time: each micro-batch's loss is back-propagated at once, so the gradient of the step's
+    loss accumulates in the parameters.
+
+    roll: rollout.Rollout; adv (N,) from group_advantages; evidence: perception_loss.Evidence.
+    Every term is normalised by global counts (tokens, sequences, evidence tokens over every rank
+    and micro-batch), so the micro-batches' and ranks' losses add up to the batch's loss.
+    Returns the metrics: "loss", summed over micro-batches and times the world size (the mean
+    over ranks is the global loss), and each loss part, a mean weighted by rows.
+    """
+    mask = roll.completion_mask.float()  # (N, C)
+    e_v, e_a = evidence.visual, evidence.acoustic
+    counts = parallel.global_sum(mask.sum(), len(mask), e_v.sum(), e_a.sum())
+    B = len(roll.media["input_ids"])
+    metrics = {"loss": 0.0}
+    for c0, c1 in microbatch.ranges(B, args.micro_batch):
+        loss, parts, towers = microbatch_loss(args, policy, roll, adv, evidence, counts, c0, c1)
+        loss = parallel.backward(loss, *towers)
+        # each part is a mean over this micro-batch's rows: weighted by their share of the batch
+        for key, value in parts.items():
+            metrics[key] = metrics.get(key, 0.0) + float(value) * (c1 - c0) / B
+        metrics["loss"] += float(loss * dist.get_world_size())
+    # the global counts the losses were normalised by
+    n_tok, _, n_v, n_a = counts
+    metrics.update(tokens=n_tok, n_visual=n_v, n_acoustic=n_a)
+    return metrics
+
+
+# Eq. (12)
+def microbatch_loss(args, policy, roll, adv, evidence, counts, c0, c1):
+    """L of clips [c0, c1) and their G rows each, with gradient: (loss, parts, the passes'
+    thinker.scoring.Towers). counts: global (tokens, sequences, e^v tokens, e^a tokens)."""
+    n_tok, n_seq, n_v, n_a = counts
+    rows = slice(c0 * roll.G, c1 * roll.G)
+    mask = roll.completion_mask[rows].float()  # (n, C)
+    clips = microbatch.clips(policy, roll.media, c0, c1, roll.positions)
+    towers = [scoring.encode_media(policy, clips.batch)]
+    inputs = scoring.expand(clips.batch, roll.G, towers[0].video, towers[0].audio, clips.positions)
+    logp = scoring.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C)
+    ref_logp = roll.ref_logp[rows] if args.beta > 0 else None  # (n, C)
+    # Eqs. (6)-(8); one update per rollout, so pi_old is pi_theta itself, detached
+    pg_loss, parts = policy_loss(
+        logp,
+        logp.detach(),
+        ref_logp,
+        adv[rows],
+        mask,
+        beta=args.beta,
+        eps_low=args.eps_low,
+        eps_high=args.eps_high,
+        agg=args.agg,
+        num_tokens=n_tok,
+        num_seqs=n_seq,
+    )
+    if not args.perception_loss:
+        return total_loss(pg_loss), parts, towers
+    mv_logp = evidence.logp_no_video[rows]  # (n, C)
+    ma_logp = evidence.logp_no_audio[rows]  # (n, C)
+    if args.masked_grad:
+        # Eq. (10) in form (b): these clips under x\v and x\a, now, with gradient
+        branch = masked_grad.branch(policy, roll, evidence, c0, c1, towers[0])
+        mv_logp, ma_logp = branch.logp_no_video, branch.logp_no_audio
+        towers += branch.towers
+    # Eqs. (9)-(11)
+    op_loss, op_parts = perception_loss.perception_loss(
+        logp,
+        mv_logp,
+        ma_logp,
+        evidence.visual[rows],
+        evidence.acoustic[rows],
+        mask,
+        gamma=args.gamma,
+        eta=args.eta,
+        clamp=args.clamp,
+        num_evidence=(n_v, n_a),
+        num_tokens=n_tok,
+        masked_grad=args.masked_grad,
+    )
+    parts.update(op_parts)
+    if args.masked_grad:
+        op_loss = op_loss + masked_grad.entropy_term(args.eta_masked, branch, parts)
+    return total_loss(pg_loss, op_loss), parts, towers

@@ -1,24 +1,26 @@
 r"""The Omni-Perception Loss of OPPO: evidence-token routing and the masked-input divergence.
 
 Eqs. (9)-(11), docs/method.md, section 5. A completion's <think> clauses are routed to the
-modality whose cues they state (Eq. 9, from matcher.py's clause-cue similarity matrices); the
-tokens whose characters fall in those clauses (alignment.py) are the evidence tokens. On them the
-policy's log-probs under the full input x are compared with its log-probs under x\v (video
-masked) and x\a (audio masked) (Eq. 10), and the loss rewards a large divergence: a visual claim
-that is as likely without the video did not come from the video (Eq. 11). An entropy term and a
-per-token clamp keep that unbounded objective in check. The masked log-probs are constants (form
-(a) of Eq. 10) or, with `masked_grad`, carry gradient (form (b)), with an entropy term of their own.
+modality whose cues they state (Eq. 9, from matching/matcher.py's clause-cue similarities); the
+tokens whose characters fall in those clauses (matching/alignment.py) are the evidence tokens.
+On them the policy's log-probs under the full input x are compared with its log-probs under x\v
+(video masked) and x\a (audio masked) (Eq. 10), and the loss rewards a large divergence: a
+visual claim that is as likely without the video did not come from the video (Eq. 11). An
+entropy term and a per-token clamp keep that unbounded objective in check. The masked log-probs
+are constants (form (a) of Eq. 10, rollout.masked_logprobs) or, with `--masked_grad`, carry
+gradient (form (b), variants/masked_grad.py).
 Losses are pure functions of tensors returning `(loss, metrics)`; shapes as in oppo.py: N
 completions, C right-padded completion positions, `mask` (N, C) 1 on response tokens. Metrics
 are detached 0-dim tensors over this call's tokens alone.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-import alignment
+from matching import alignment
 
 MODALITIES = ("visual", "acoustic")
 
@@ -123,40 +125,51 @@ def evidence_masks(
     return evidence["visual"], evidence["acoustic"]
 
 
+@dataclass
+class Evidence:
+    """What the Omni-Perception Loss reads besides the policy's log-probs, (N, C) each."""
+
+    # e^v and e^a, Eq. (9): 1 on the tokens of clauses routed to vision (audio)
+    visual: Tensor
+    acoustic: Tensor
+    # pi_old(o_t | x\v, o_<t) and pi_old(o_t | x\a, o_<t), Eq. (10) in form (a), on the rows
+    # with evidence (0 on the others, never read); unread in form (b)
+    logp_no_video: Tensor
+    logp_no_audio: Tensor
+    # form (b), --masked_grad: (x\v, x\a) themselves, which the update scores with gradient
+    masked: tuple | None = None
+
+
 # Eq. (10)
-def token_divergence(
-    logp: Tensor, masked_logp: Tensor, clamp: float = 10.0, masked_grad: bool = False
-) -> Tensor:
+def token_divergence(logp: Tensor, masked_logp: Tensor, clamp: float = 10.0) -> Tensor:
     """d_t = min(exp(u) - u - 1, clamp), u = masked_logp - logp: the k3 estimator of oppo.k3,
     KL(pi(.|x) || pi(.|x\\m)) per token, clamped against "KL hacking" (PAPO).
 
-    (N, C) each. masked_grad False (form (a)): masked_logp is a constant (no-grad forward of the
-    pre-update policy); True (form (b)): the gradient reaches both log-probs.
+    (N, C) each. In form (a) masked_logp is a constant (a no-grad pass of the pre-update
+    policy); in form (b) it carries gradient, and so does d through it.
     """
-    if not masked_grad:
-        masked_logp = masked_logp.detach()
     # cap u where d already exceeds the clamp (d(log(2c + 2)) >= c): exp cannot overflow, and
     # the clamp's zero gradient never meets an inf from exp (0 * inf = NaN)
     u = (masked_logp - logp).clamp(max=math.log(2 * clamp + 2))  # (N, C)
     return (torch.exp(u) - u - 1).clamp(max=clamp)  # (N, C)
 
 
-def _count(n, local: Tensor) -> Tensor:
-    """A normaliser: the global count `n` when given (int or tensor), else `local`; at least 1."""
-    if n is None:
-        n = local
-    else:
-        n = torch.as_tensor(n, dtype=local.dtype, device=local.device)
-    return n.clamp(min=1)
+# Eq. (11), one modality
+def masked_kl(logp: Tensor, masked_logp, e: Tensor, response: Tensor, clamp: float, n=None):
+    """KL^m = sum_t e^m_t d^m_t / max(1, n), n the evidence count (default this call's).
 
-
-def _check_shapes(shape, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(
-                f"perception_loss.perception_loss: `{name}` has shape {tuple(t.shape)}, "
-                f"expected {shape}"
-            )
+    logp (N, C) with padding zeroed; masked_logp (N, C) or None (the term is 0); e (N, C)
+    evidence mask; response (N, C) 1.0 on response tokens.
+    """
+    if masked_logp is None:
+        return logp.new_zeros(())
+    # evidence never sits on padding
+    e = e.to(logp.dtype) * response  # (N, C)
+    masked_logp = masked_logp.masked_fill(response == 0, 0.0)  # (N, C)
+    d = token_divergence(logp, masked_logp, clamp)  # (N, C)
+    # 0 / 1 when there is no m-evidence
+    n = e.sum() if n is None else torch.as_tensor(n, dtype=e.dtype, device=e.device)
+    return (e * d).sum() / n.clamp(min=1)
 
 
 # Eq. (11)
@@ -170,88 +183,68 @@ def perception_loss(
     gamma: float = 0.02,
     eta: float = 0.03,
     clamp: float = 10.0,
-    num_evidence=None,
+    num_evidence=(None, None),
     num_tokens=None,
     masked_grad: bool = False,
-    eta_masked: float = 0.03,
-    num_scored=None,
 ):
-    """L_op = -gamma (KL^v + KL^a) + eta H, KL^m = sum_t e^m_t d^m_t / max(1, sum_t e^m_t),
-    H = -mean_t logp_t over all response tokens.
+    """L_op = -gamma (KL^v + KL^a) + eta H, H = -mean_t logp_t over all response tokens.
 
     logp (N, C) full-input log-probs with gradient; mv_logp, ma_logp (N, C) log-probs with the
-    video / audio masked, or None to drop that term; e_v, e_a (N, C) evidence masks; mask (N, C).
-    num_evidence = (n_v, n_a) and num_tokens: global counts across ranks and micro-batches
-    (default: this call's), so micro-batch losses sum to the batch loss.
-    masked_grad (form (b) of Eq. 10): the gradient reaches mv_logp and ma_logp too, and L_op gains
-    the masked branch's entropy, + eta_masked (H^v + H^a), H^m = -mean_t of the x\\m log-probs
-    over the response tokens of the rows with m-evidence (the rows scored under x\\m);
-    num_scored = (their global token counts for v, for a), default this call's.
+    video / audio masked (Eq. 10), or None to drop that term; e_v, e_a (N, C) evidence masks
+    (Eq. 9); mask (N, C). num_evidence = (n_v, n_a) and num_tokens: global counts across ranks
+    and micro-batches (default: this call's), so micro-batch losses sum to the batch loss.
+    masked_grad: form (b) of Eq. (10), the gradient reaches mv_logp and ma_logp too; False, form
+    (a): they are constants. Returns (loss, metrics); the metrics are over this call's tokens
+    (`perception_metrics`).
     """
     N, C = logp.shape
     _check_shapes((N, C), mv_logp=mv_logp, ma_logp=ma_logp, e_v=e_v, e_a=e_a, mask=mask)
-    pad = ~mask.bool()  # (N, C)
-    response = (~pad).to(logp.dtype)  # (N, C) 1.0 on response tokens, 0.0 on padding
+    response = mask.bool().to(logp.dtype)  # (N, C) 1.0 on response tokens, 0.0 on padding
     # garbage at padding gets neither value nor gradient
-    logp = logp.masked_fill(pad, 0.0)  # (N, C)
-    global_evidence = num_evidence
-    if global_evidence is None:
-        global_evidence = (None, None)
-    global_scored = num_scored
-    if global_scored is None:
-        global_scored = (None, None)
+    logp = logp.masked_fill(response == 0, 0.0)  # (N, C)
+    if not masked_grad:
+        mv_logp = None if mv_logp is None else mv_logp.detach()
+        ma_logp = None if ma_logp is None else ma_logp.detach()
+    n_v, n_a = num_evidence
+    kl_v = masked_kl(logp, mv_logp, e_v, response, clamp, n_v)
+    kl_a = masked_kl(logp, ma_logp, e_a, response, clamp, n_a)
+    n = (
+        response.sum()
+        if num_tokens is None
+        else torch.as_tensor(num_tokens, dtype=logp.dtype, device=logp.device)
+    )
+    H = -(logp * response).sum() / n.clamp(min=1)
+    loss = -gamma * (kl_v + kl_a) + eta * H
+    metrics = perception_metrics(logp, mv_logp, ma_logp, e_v, e_a, response, gamma, eta, clamp)
+    return loss, metrics
 
-    # KL^m with the global evidence count (the loss) and with this call's (the metric)
-    kl = {}
-    kl_local = {}
-    n_local = {}
-    # H^m of form (b), likewise
-    masked_entropy = {}
-    masked_entropy_local = {}
-    branches = zip(MODALITIES, (mv_logp, ma_logp), (e_v, e_a), global_evidence, global_scored)
-    for m, masked_logp, e, n_global, n_scored in branches:
-        # evidence never sits on padding
-        e = e.to(logp.dtype) * response  # (N, C)
-        n_local[m] = e.sum()
-        if masked_logp is None:
-            zero = logp.new_zeros(())
-            kl[m] = zero
-            kl_local[m] = zero
-            continue
-        if not masked_grad:
-            masked_logp = masked_logp.detach()
-        masked_logp = masked_logp.masked_fill(pad, 0.0)  # (N, C)
-        d = token_divergence(logp, masked_logp, clamp, masked_grad)  # (N, C)
-        evidence_divergence = (e * d).sum()
-        # 0 when there is no m-evidence
-        kl[m] = evidence_divergence / _count(n_global, n_local[m])
-        kl_local[m] = evidence_divergence.detach() / n_local[m].clamp(min=1)
-        if masked_grad:
-            # the response tokens of the rows with m-evidence
-            scored = e.any(1, keepdim=True).to(logp.dtype) * response  # (N, C)
-            masked_sum = -(masked_logp * scored).sum()
-            masked_entropy[m] = masked_sum / _count(n_scored, scored.sum())
-            masked_entropy_local[m] = masked_sum.detach() / scored.sum().clamp(min=1)
-    H = -(logp * response).sum() / _count(num_tokens, response.sum())
-    loss = -gamma * (kl["visual"] + kl["acoustic"]) + eta * H
 
+@torch.no_grad()
+def perception_metrics(logp, mv_logp, ma_logp, e_v, e_a, response, gamma, eta, clamp):
+    """L_op's parts over this call's tokens alone, detached 0-dim tensors (the loss itself is
+    normalised by global counts); the arguments as perception_loss has them."""
     n = response.sum().clamp(min=1)
-    entropy = (-(logp * response).sum() / n).detach()
-    # over this call's tokens, like every metric; the loss uses the global counts
-    op_loss = -gamma * (kl_local["visual"] + kl_local["acoustic"]) + eta * entropy
-    metrics = {
-        "op_loss": op_loss,
-        "kl_visual": kl_local["visual"],
-        "kl_acoustic": kl_local["acoustic"],
-        "n_visual": n_local["visual"],
-        "n_acoustic": n_local["acoustic"],
-        "share_visual": n_local["visual"] / n,
-        "share_acoustic": n_local["acoustic"] / n,
+    n_v = (e_v.to(logp.dtype) * response).sum()
+    n_a = (e_a.to(logp.dtype) * response).sum()
+    kl_v = masked_kl(logp, mv_logp, e_v, response, clamp)
+    kl_a = masked_kl(logp, ma_logp, e_a, response, clamp)
+    entropy = -(logp * response).sum() / n
+    return {
+        "op_loss": -gamma * (kl_v + kl_a) + eta * entropy,
+        "kl_visual": kl_v,
+        "kl_acoustic": kl_a,
+        "n_visual": n_v,
+        "n_acoustic": n_a,
+        "share_visual": n_v / n,
+        "share_acoustic": n_a / n,
         "entropy": entropy,
     }
-    for m in masked_entropy:
-        # PAPO's double entropy: against a divergence won by degenerate masked distributions
-        loss = loss + eta_masked * masked_entropy[m]
-        metrics["op_loss"] = metrics["op_loss"] + eta_masked * masked_entropy_local[m]
-        metrics[f"masked_entropy_{m}"] = masked_entropy_local[m]
-    return loss, metrics
+
+
+def _check_shapes(shape, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(
+                f"perception_loss.perception_loss: `{name}` has shape {tuple(t.shape)}, "
+                f"expected {shape}"
+            )

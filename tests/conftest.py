@@ -14,16 +14,16 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    import synth
+    from synthetic import world
 
     out = tmp_path_factory.mktemp("synth")
-    synth.make_world(out, n_train=48, n_val=12, n_test=12, seed=0)
+    world.make_world(out, n_train=48, n_val=12, n_test=12, seed=0)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    import tiny
+    from synthetic import tiny
 
     return tiny.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -32,10 +32,10 @@ def tiny_dir(tmp_path_factory):
 def manifest_world(tmp_path_factory):
     """(directory, loaded train records) of a 24/6/6-clip world, seed 7: the data tests' world."""
     import data
-    import synth
+    from synthetic import world
 
     out = tmp_path_factory.mktemp("world")
-    paths = synth.make_world(out, 24, 6, 6, seed=7, workers=1)
+    paths = world.make_world(out, 24, 6, 6, seed=7, workers=1)
     return out, data.load_manifest(paths["train"])
 
 
@@ -43,10 +43,10 @@ def manifest_world(tmp_path_factory):
 def synth_world(tmp_path_factory):
     """(directory, {split: records as written}) of a 240/60/12-clip world, seed 3, made by two
     processes: the synthetic world's tests."""
-    import synth
+    from synthetic import world
 
     out = tmp_path_factory.mktemp("synth_world")
-    paths = synth.make_world(out, 240, 60, 12, seed=3, workers=2)
+    paths = world.make_world(out, 240, 60, 12, seed=3, workers=2)
     records = {}
     for split, path in paths.items():
         records[split] = [json.loads(line) for line in open(path)]
@@ -58,7 +58,7 @@ def group():
     """The 1-process group train.py makes (parallel.init), for parallel.shard and the export."""
     import torch.distributed as dist
 
-    import parallel
+    from runtime import parallel
 
     parallel.init()
     yield

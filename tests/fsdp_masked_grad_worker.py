@@ -1,4 +1,4 @@
-"""The gradient of update.backward with --masked_grad on a global batch of 4 clips.
+"""The gradient of oppo.update with --masked_grad on a global batch of 4 clips.
 
     torchrun --nproc_per_node=2 fsdp_masked_grad_worker.py TINY_DIR SYNTH_DIR OUT.pt
 
@@ -16,21 +16,20 @@ import sys
 import torch
 import torch.distributed as dist
 
-import batching
-import config
 import data
-import model
-import parallel
+import oppo
+import perception_loss
 import rollout
-import scoring
-import update
+from runtime import config, parallel
+from thinker import batching, model, scoring
+from variants import masked_grad
 
 G = 2
 C = 5
 
 
 def masked_grad_step(tiny, world_dir):
-    """(global loss, {name: full gradient}) of one update.backward with --masked_grad."""
+    """(global loss, {name: full gradient}) of one oppo.update with --masked_grad."""
     rank, world = dist.get_rank(), dist.get_world_size()
     policy, processor = model.load_policy(tiny)
     parallel.shard(policy)
@@ -73,10 +72,9 @@ def masked_grad_step(tiny, world_dir):
     e_v = e_v[rows] * mask
     e_a = e_a[rows] * mask
     zeros = torch.zeros(mask.shape)  # (n, C)
-    masked = rollout.masked_inputs(media, args.rho, 0)
-    evidence = update.Evidence(e_v, e_a, zeros, zeros, masked)
-    counts = parallel.global_sum(mask.sum(), len(mask), e_v.sum(), e_a.sum())
-    metrics = update.backward(args, policy, roll, adv[rows], evidence, counts, world)
+    masked = masked_grad.masked_inputs(roll, e_v, e_a, args.rho, 0)
+    evidence = perception_loss.Evidence(e_v, e_a, zeros, zeros, masked)
+    metrics = oppo.update(args, policy, roll, adv[rows], evidence)
     parallel.reshard_after_step(policy)
     grads = {}
     for name, param in policy.named_parameters():

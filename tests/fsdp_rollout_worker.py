@@ -10,13 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-import batching
 import data
-import model
-import parallel
 import rollout
-import scoring
-from media import load_media
+from runtime import parallel
+from thinker import batching, model, scoring
+from thinker.media import load_media
 
 tiny, world_dir, out = sys.argv[1:4]
 distributed = "RANK" in os.environ

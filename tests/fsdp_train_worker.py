@@ -5,8 +5,9 @@
     # rank r takes clips r::2
     torchrun --nproc_per_node=2 fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt
 
-Under FSDP2 every rank must run every unit (scoring.encode_media); this saves, per batch, the
-full gradient of every parameter, which must equal the 1-process gradient of the same global batch.
+Under FSDP2 every rank must run every unit (thinker.scoring.encode_media); this saves, per batch,
+the full gradient of every parameter, which must equal the 1-process gradient of the same
+global batch.
 Under torchrun it then runs one OPPO step (plain GRPO, micro-batches of one clip) on such clips.
 """
 
@@ -16,12 +17,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-import batching
-import config
 import data
-import model
-import parallel
 import train
+from runtime import config, parallel
+from thinker import batching, model
 
 tiny, world_dir, out = sys.argv[1:4]
 if "RANK" in os.environ:
@@ -49,8 +48,8 @@ for case, (rank0_clips, rank1_clips) in cases.items():
         interleaved.extend(pair)
     batch = interleaved[rank::world]
     media = batching.encode(processor, batch, frames=4)
-    metrics = train.sft_step(None, policy, processor, batch, media, world)
-    # as update.optimizer_step: the root's parameters are the sharded ones again
+    metrics = train.sft_step(None, policy, processor, batch, media)
+    # as runtime.optim.optimizer_step: the root's parameters are the sharded ones again
     parallel.reshard_after_step(policy)
     full = {}
     for name, param in policy.named_parameters():
@@ -77,7 +76,7 @@ if world > 1:
             setattr(args, key, value)
     batch = [no_video[4], no_audio[0]] if rank == 0 else [both[0], no_video[5]]
     media = batching.encode(processor, batch, frames=4)
-    metrics = train.oppo_step(args, policy, None, processor, None, batch, media, world, 0)
+    metrics = train.oppo_step(args, policy, None, processor, None, batch, media, 0)
     parallel.reshard_after_step(policy)
     gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     grads["oppo"] = {

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from small_bpe import MULTIBYTE, naive_char_sets, train_tokenizer  # noqa: E402
 
-import alignment  # noqa: E402
+from matching import alignment  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_token_char_spans_non_byte_level_tokenizer():
 def test_token_char_spans_with_model_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from tiny import build_tiny
+    from synthetic.tiny import build_tiny
 
     tok = AutoTokenizer.from_pretrained(build_tiny(tmp_path / "tiny"))
     text = "<think>The face looks tense, é 中文 😀.</think><answer>angry</answer>"

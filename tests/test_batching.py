@@ -6,10 +6,8 @@ import re
 import pytest
 import torch
 
-import batching
-import media
-import model
-import tiny
+from synthetic import tiny
+from thinker import batching, media, model
 
 
 @pytest.fixture(scope="module")

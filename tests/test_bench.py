@@ -1,5 +1,5 @@
 """tools/bench.py at a toy size: every count of a GRPO and an OPPO step and of the levers against
-the formula written out here; the FLOP counter (tools/flops.py) against its formula; the 3B/7B
+the formula written out here; the FLOP counter (runtime/flops.py) against its formula; the 3B/7B
 shapes; and the FSDP2 lever (2 gloo ranks): generate gathers each unit once inside
 parallel.unsharded, per forward without.
 
@@ -21,12 +21,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import batching  # noqa: E402
 import data  # noqa: E402
-import model  # noqa: E402
 import rollout  # noqa: E402
-import scoring  # noqa: E402
-from tools import bench, flops, measure, shapes  # noqa: E402
+from runtime import flops  # noqa: E402
+from thinker import (
+    batching,  # noqa: E402
+    model,  # noqa: E402
+    scoring,  # noqa: E402
+)
+from tools import bench, measure, shapes  # noqa: E402
 
 # clips, completions per clip, completion tokens, tokens in the generate levers
 B, G, C, T = 2, 2, 6, 3
@@ -233,7 +236,7 @@ def fsdp_worker(out, b, g, tokens):
     """Rank r of 2: median seconds and parameter all-gathers of generate, with and without
     parallel.unsharded."""
     import data
-    import parallel
+    from runtime import parallel
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)  # one core each

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 import data
-import media
-from cues import decompose_cues
+from corpora.decompose import decompose_cues
+from thinker import media
 
 
 # ---------------------------------------------------------------- manifests
@@ -120,4 +120,4 @@ def test_cli_checks_a_manifest_and_documents_generator_and_loader(manifest_world
     with pytest.raises(SystemExit):
         data.main(["--help"])
     text = capsys.readouterr().out
-    assert "--check" in text and "--make-world" in text and "synth.py" in text
+    assert "--check" in text and "--make-world" in text and "synthetic.world" in text

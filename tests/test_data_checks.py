@@ -16,10 +16,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import batching
 import data
-import media
-import model
+from thinker import batching, media, model
 
 MIN = media.MIN_AUDIO_SAMPLES
 

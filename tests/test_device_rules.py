@@ -16,16 +16,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import BackendConfig
 
-import batching
 import data
-import model
-import parallel
+from runtime import parallel
+from thinker import batching, model
 
 ROOT = Path(__file__).resolve().parents[1]
 # torchrun's variables: without them parallel.init makes a 1-process group in memory
 LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PROBE = """
-import json, parallel
+import json
+from runtime import parallel
 rank, world, device = parallel.init()
 sums = parallel.global_sum(3, 4.5, True)
 means = parallel.mean_metrics({"loss": 2.0, "tokens": 7, "skipped": False, "sample": "x"}, world)

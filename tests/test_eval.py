@@ -10,10 +10,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
-import metrics  # noqa: E402
-import report as R  # noqa: E402
-import synth  # noqa: E402
-from matcher import Matcher  # noqa: E402
+from matching.matcher import Matcher  # noqa: E402
+from metrics import perception  # noqa: E402
+from metrics import recognition as metrics  # noqa: E402
+from metrics import report as R  # noqa: E402
+from synthetic import plan, world  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -113,26 +114,28 @@ def test_load_wheels_and_mean_over_wheels(tmp_path, matcher):
 # ---------------------------------------------------------------- MEP-Bench pieces
 def test_recovered_share_and_chair():
     S = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.59, 0.6]])  # (K=2 clauses, J=3 cues)
-    assert metrics.recovered_share(S, theta=0.6) == pytest.approx(2 / 3)  # the 0.59 cue is missed
-    assert metrics.recovered_share(torch.zeros(2, 0)) is None  # no cues: not counted
-    assert metrics.recovered_share(torch.zeros(0, 3)) == 0.0  # no clauses: nothing recovered
+    # the 0.59 cue is missed
+    assert perception.recovered_share(S, theta=0.6) == pytest.approx(2 / 3)
+    assert perception.recovered_share(torch.zeros(2, 0)) is None  # no cues: not counted
+    assert perception.recovered_share(torch.zeros(0, 3)) == 0.0  # no clauses: nothing recovered
     counts = [
         {"visual": 1, "acoustic": 3},
         {"visual": 0, "acoustic": 0},
         {"visual": 2, "acoustic": 0},
     ]
     # (CHAIR, F, CHAIR_s)
-    assert metrics.chair(counts, "visual") == pytest.approx((3 / 6, 3 / 6, 2 / 3))
-    assert metrics.chair(counts, "acoustic") == pytest.approx((3 / 6, 3 / 6, 1 / 3))
-    assert metrics.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)  # no claims
+    assert perception.chair(counts, "visual") == pytest.approx((3 / 6, 3 / 6, 2 / 3))
+    assert perception.chair(counts, "acoustic") == pytest.approx((3 / 6, 3 / 6, 1 / 3))
+    # no claims
+    assert perception.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)
 
 
 def world_records(n, scenarios=("both", "face_only", "voice_only", "subtitle"), detail_p=0.5):
-    """Synthetic records straight from synth.plan (no rendering): labels, reasoning and cues."""
+    """Synthetic records straight from synthetic.plan (no rendering): labels, reasoning and cues."""
     rng, recs = np.random.default_rng(0), []
     for i in range(n):
-        label, scenario = synth.LABELS[i % 6], scenarios[i % len(scenarios)]
-        p = synth.plan(rng, label, scenario, detail_p)
+        label, scenario = plan.LABELS[i % 6], scenarios[i % len(scenarios)]
+        p = plan.plan(rng, label, scenario, detail_p)
         recs.append(
             {
                 "id": f"r{i}",
@@ -253,10 +256,10 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
 
 
 def test_cli_on_tiny_model(tmp_path, capsys):
-    from tiny import build_tiny
+    from synthetic.tiny import build_tiny
 
     tiny = build_tiny(tmp_path / "tiny")
-    paths = synth.make_world(tmp_path / "synth", n_train=0, n_val=0, n_test=6, seed=0)
+    paths = world.make_world(tmp_path / "synth", n_train=0, n_val=0, n_test=6, seed=0)
     out = tmp_path / "report.json"
     E.main(
         [

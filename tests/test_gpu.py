@@ -16,12 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import batching
-import checkpoint
 import data
-import model
-import parallel
-import scoring
+from runtime import checkpoint, parallel
+from thinker import batching, model, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,9 +1,11 @@
-"""Form (b) of Eqs. (10)-(11), `--masked_grad`: the masked log-probs with gradient.
+"""Form (b) of Eqs. (10)-(11), `--masked_grad`: the masked log-probs with gradient, and the
+entropy of the masked distribution (variants/masked_grad.py).
 
-perception_loss.perception_loss against a naive loop (value and gradient into both branches,
-the masked-branch entropy included), the sign of the masked branch's gradient, one
-train.oppo_step on the tiny thinker whose masked passes reach the towers and the LM, and the
-same update under FSDP2 on 2 processes (fsdp_masked_grad_worker.py).
+perception_loss.perception_loss against a naive loop (value and gradient into both branches),
+the sign of the masked branch's gradient, the masked entropy against -sum p log p written out
+and its normalisation over micro-batches, why it is the entropy and not the cross-entropy of the
+sampled tokens, one train.oppo_step on the tiny thinker whose masked passes reach the towers and
+the LM, and the same update under FSDP2 on 2 processes (fsdp_masked_grad_worker.py).
 """
 
 import unittest.mock
@@ -16,13 +18,13 @@ from fsdp_masked_grad_worker import masked_grad_step
 from torch.testing import assert_close
 from train_runs import finish, torchrun
 
-import batching
-import config
 import data
-import model
 import perception_loss as P
 import train
-from matcher import Matcher
+from matching.matcher import Matcher
+from runtime import config
+from thinker import batching, model, scoring
+from variants import masked_grad
 
 
 def op_batch(N=6, C=7, seed=0):
@@ -41,30 +43,21 @@ def op_batch(N=6, C=7, seed=0):
     return logp, mv, ma, e_v, e_a, mask
 
 
-def naive_loss(logp, mv, ma, e_v, e_a, mask, gamma, eta, eta_masked, clamp):
-    """L_op of form (b), token by token."""
+def naive_loss(logp, mv, ma, e_v, e_a, mask, gamma, eta, clamp):
+    """L_op, token by token."""
     N, C = logp.shape
     loss = 0.0
     for masked, e in ((mv, e_v), (ma, e_a)):
         divergence = 0.0
         n_evidence = 0
-        entropy = 0.0
-        n_scored = 0
         for i in range(N):
-            row_has_evidence = any(e[i, t] and mask[i, t] for t in range(C))
             for t in range(C):
-                if not mask[i, t]:
-                    continue
-                if e[i, t]:
+                if mask[i, t] and e[i, t]:
                     u = masked[i, t] - logp[i, t]
                     d = torch.exp(u) - u - 1
                     divergence = divergence + torch.clamp(d, max=clamp)
                     n_evidence += 1
-                if row_has_evidence:
-                    entropy = entropy - masked[i, t]
-                    n_scored += 1
         loss = loss - gamma * divergence / max(n_evidence, 1)
-        loss = loss + eta_masked * entropy / max(n_scored, 1)
     full_entropy = 0.0
     n_tokens = 0
     for i in range(N):
@@ -83,12 +76,10 @@ def test_value_and_gradient_into_both_branches_match_the_loop():
     logp, mv, ma, e_v, e_a, mask = op_batch()
     weights = dict(gamma=0.5, eta=0.3, clamp=1.0)
     x, v, a = with_grad(logp, mv, ma)
-    loss, metrics = P.perception_loss(
-        x, v, a, e_v, e_a, mask, masked_grad=True, eta_masked=0.2, **weights
-    )
+    loss, metrics = P.perception_loss(x, v, a, e_v, e_a, mask, masked_grad=True, **weights)
     loss.backward()
     x2, v2, a2 = with_grad(logp, mv, ma)
-    expected = naive_loss(x2, v2, a2, e_v, e_a, mask, eta_masked=0.2, **weights)
+    expected = naive_loss(x2, v2, a2, e_v, e_a, mask, **weights)
     expected.backward()
     assert_close(loss, expected)
     for got, want in ((x, x2), (v, v2), (a, a2)):
@@ -100,26 +91,6 @@ def test_value_and_gradient_into_both_branches_match_the_loop():
     assert (d > 1.0).any() and (d < 1.0).any()
     # the metrics: this call's counts are the global ones here
     assert_close(metrics["op_loss"], loss.detach())
-    scored_v = e_v.any(1, keepdim=True) * mask
-    assert_close(metrics["masked_entropy_visual"], -(mv * scored_v).sum() / scored_v.sum())
-
-
-def test_switch_off_sends_no_gradient_to_the_masked_branch():
-    logp, mv, ma, e_v, e_a, mask = op_batch(seed=1)
-    x, v, a = with_grad(logp, mv, ma)
-    loss, metrics = P.perception_loss(x, v, a, e_v, e_a, mask, masked_grad=False, eta_masked=1.0)
-    loss.backward()
-    assert v.grad is None and a.grad is None
-    assert "masked_entropy_visual" not in metrics
-    # and the value is form (a)'s: the masked entropy weight is unused
-    x2 = logp.clone().requires_grad_()
-    loss_a, _ = P.perception_loss(x2, mv, ma, e_v, e_a, mask)
-    assert torch.equal(loss, loss_a)
-    loss_a.backward()
-    assert torch.equal(x.grad, x2.grad)
-    # token_divergence alone: form (a) keeps the masked log-probs constant
-    d = P.token_divergence(logp, mv.clone().requires_grad_())
-    assert d.grad_fn is None
 
 
 def test_masked_branch_gradient_sign():
@@ -130,7 +101,7 @@ def test_masked_branch_gradient_sign():
     gamma = 0.1
     v = mv.clone().requires_grad_()
     loss, _ = P.perception_loss(
-        logp, v, None, e_v, e_a, mask, gamma=gamma, eta=0.0, masked_grad=True, eta_masked=0.0
+        logp, v, None, e_v, e_a, mask, gamma=gamma, eta=0.0, masked_grad=True
     )
     loss.backward()
     u = mv - logp
@@ -147,11 +118,9 @@ def test_masked_branch_gradient_sign():
 
 def test_micro_batches_with_global_counts_sum_to_the_batch_loss():
     logp, mv, ma, e_v, e_a, mask = op_batch(N=8, seed=3)
-    kwargs = dict(masked_grad=True, eta_masked=0.1)
     full = with_grad(logp, mv, ma)
-    loss_full, _ = P.perception_loss(*full, e_v, e_a, mask, **kwargs)
+    loss_full, _ = P.perception_loss(*full, e_v, e_a, mask, masked_grad=True)
     loss_full.backward()
-    scored = [(mask * e.any(1, keepdim=True)).sum() for e in (e_v, e_a)]
     parts = with_grad(logp, mv, ma)
     total = 0.0
     for r in (slice(0, 3), slice(3, 8)):
@@ -162,8 +131,7 @@ def test_micro_batches_with_global_counts_sum_to_the_batch_loss():
             mask[r],
             num_evidence=(e_v.sum(), e_a.sum()),
             num_tokens=int(mask.sum()),
-            num_scored=scored,
-            **kwargs,
+            masked_grad=True,
         )
         loss.backward()
         total = total + loss.detach()
@@ -172,8 +140,72 @@ def test_micro_batches_with_global_counts_sum_to_the_batch_loss():
         assert_close(got.grad, want.grad)
 
 
+# ---------------------------------------------------------------- the masked entropy
+def test_masked_entropy_is_the_entropy_of_the_next_token_distribution():
+    """scoring.selective_log_softmax(entropy=True): -sum_w p(w) log p(w) at every position,
+    value and gradient, beside the picked log-probs it always returned."""
+    g = torch.Generator().manual_seed(4)
+    # float32, as the LM head's logits are scored
+    logits = torch.randn(5, 3, 11, generator=g) * 3  # (n, C, V)
+    ids = torch.randint(0, 11, (5, 3), generator=g)  # (n, C)
+    x = logits.clone().requires_grad_()
+    logp, entropy = scoring.selective_log_softmax(x, ids, chunk=2, entropy=True)
+    x2 = logits.clone().requires_grad_()
+    want = torch.zeros(5, 3)
+    for i in range(5):
+        for t in range(3):
+            p = torch.softmax(x2[i, t], -1)
+            want[i, t] = -(p * torch.log(p)).sum()
+    assert_close(entropy, want)
+    assert_close(logp, scoring.selective_log_softmax(logits, ids))
+    (entropy * torch.arange(15.0).view(5, 3)).sum().backward()
+    (want * torch.arange(15.0).view(5, 3)).sum().backward()
+    assert_close(x.grad, x2.grad)
+
+
+def test_entropy_term_is_normalised_by_the_global_scored_tokens():
+    """eta_masked (H^v + H^a): each sum of entropies over a micro-batch's scored tokens divided
+    by the global count of scored tokens, so micro-batches add up to the batch's mean."""
+    sums = [torch.tensor(3.0), torch.tensor(5.0)]
+    counts = [torch.tensor(2.0), torch.tensor(4.0)]
+    scored = (6.0, 0.0)
+    total = 0.0
+    for s, n in zip(sums, counts):
+        branch = masked_grad.Branch(
+            None, None, {"visual": s, "acoustic": s * 0}, {"visual": n, "acoustic": n * 0}, scored
+        )
+        parts = {}
+        total = total + masked_grad.entropy_term(0.5, branch, parts)
+        assert_close(parts["masked_entropy_visual"], s / n)
+        # no acoustic row scored: 0, never 0 / 0
+        assert parts["masked_entropy_acoustic"] == 0
+    assert_close(total, torch.tensor(0.5 * (3.0 + 5.0) / 6.0))
+
+
+def test_entropy_not_cross_entropy_of_the_sampled_claim():
+    """The regulariser's gradient step on the masked logits: the cross-entropy of the full-input
+    sample's token, -log p(o_t), always raises p(o_t) under x\\m, the claim the divergence pushes
+    down; the entropy itself lowers it when o_t is not the masked mode."""
+    logits = torch.tensor([2.0, 0.5, 0.0, -1.0], dtype=torch.float64)
+    claim = 1
+    lr = 0.5
+    stepped = {}
+    for name in ("entropy", "cross_entropy"):
+        x = logits.clone().requires_grad_()
+        log_p = torch.log_softmax(x, -1)
+        if name == "entropy":
+            loss = -(log_p.exp() * log_p).sum()
+        else:
+            loss = -log_p[claim]
+        loss.backward()
+        stepped[name] = torch.softmax(x.detach() - lr * x.grad, -1)[claim]
+    before = torch.softmax(logits, -1)[claim]
+    assert stepped["cross_entropy"] > before
+    assert stepped["entropy"] < before
+
+
 # ---------------------------------------------------------------- one OPPO step, end to end
-def some_rows_evidence(tokenizer, completion_ids, mask, sims):
+def some_rows_evidence(tokenizer, completion_ids, mask, sims, tau=0.5):
     """Stands in for perception_loss.evidence_masks: visual evidence on the even rows' tokens,
     acoustic on the rows 1 mod 4; the others have none."""
     rows = torch.arange(len(mask))[:, None]  # (N, 1)
@@ -192,7 +224,7 @@ def grads(policy):
 
 @pytest.fixture
 def one_process():
-    """train.oppo_step and update.backward sum their counts over ranks: a group of one rank."""
+    """train.oppo_step and oppo.update sum their counts over ranks: a group of one rank."""
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -220,7 +252,7 @@ def run_step(policy, processor, matcher, records, media, args):
     torch.manual_seed(0)
     routing = unittest.mock.patch.object(P, "evidence_masks", some_rows_evidence)
     with routing:
-        metrics = train.oppo_step(args, policy, None, processor, matcher, records, media, 1, 0)
+        metrics = train.oppo_step(args, policy, None, processor, matcher, records, media, 0)
     return metrics, grads(policy)
 
 

@@ -5,16 +5,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import batching
-import config
 import data
-import eval as evaluation
-import masked_rollout
-import model
 import rollout
-import scoring
 import train
-from matcher import Sim
+from matching.matcher import Sim
+from metrics import perception
+from runtime import config
+from thinker import batching, model, scoring
+from variants import masked_rollout
 
 TAU = 0.5
 
@@ -153,7 +151,7 @@ def run_step(world, matcher, step=3, **over):
     args = step_args(manifest, **over)
     torch.manual_seed(0)
     policy.zero_grad(set_to_none=True)
-    metrics = train.oppo_step(args, policy, None, processor, matcher, recs, media, 1, step)
+    metrics = train.oppo_step(args, policy, None, processor, matcher, recs, media, step)
     grads = [p.grad.flatten() for p in policy.parameters() if p.grad is not None]
     policy.zero_grad(set_to_none=True)
     return metrics, torch.cat(grads)
@@ -205,7 +203,7 @@ def test_samples_come_from_the_masked_inputs(world, monkeypatch):
         sampled_video = inputs["mm_encoder_outputs"]["video"].pooler_output
         assert all(torch.equal(sampled_video[2 * b], video[b]) for b in range(2))
         assert all(torch.equal(inputs["audio_features"][2 * b], audio[b]) for b in range(2))
-    inventory = evaluation.cue_inventory(
+    inventory = perception.cue_inventory(
         [r.get("cues") or {} for r in data.load_manifest(manifest)]
     )
     assert len(matcher.cue_lists) == 2 * 4 and all(c == inventory for c in matcher.cue_lists)
@@ -241,7 +239,7 @@ def test_an_oppo_step_with_masked_rollouts_trains_and_logs(world):
     before = [p.detach().clone() for p in policy.parameters()]
     torch.manual_seed(0)
     args = step_args(world[4], masked_rollouts=2, lr=1e-2)
-    train.oppo_step(args, policy, None, world[1], StubMatcher(), world[2], world[3], 1, 3)
+    train.oppo_step(args, policy, None, world[1], StubMatcher(), world[2], world[3], 3)
     torch.optim.SGD(policy.parameters(), lr=1e-2).step()
     moved = [not torch.equal(p, q) for p, q in zip(policy.parameters(), before)]
     assert any(moved)

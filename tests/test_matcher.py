@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import reward
-from matcher import Matcher
+from matching.matcher import Matcher
 from reward import clause_spans
 
 CUES = {

@@ -7,8 +7,8 @@ import pytest
 import soundfile as sf
 import torch
 
-import media
-import synth_media
+from synthetic import render as synth_media
+from thinker import media
 
 
 # ---------------------------------------------------------------- media

@@ -13,8 +13,8 @@ from torch.testing import assert_close
 from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
 from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni
 
-from model import lm_params, load_policy, num_params, video_kwargs
-from tiny import tiny_config
+from synthetic.tiny import tiny_config
+from thinker.model import lm_params, load_policy, num_params, video_kwargs
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import ModelDirError, load_policy
+from thinker.model import ModelDirError, load_policy
 
 # bad model directories ---------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from small_bpe import MULTIBYTE, SENTENCE, naive_char_sets, train_tokenizer  # noqa: E402
 
-import alignment  # noqa: E402
 import perception_loss as P  # noqa: E402
+from matching import alignment  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ import json
 import pytest
 from train_runs import copy_manifest, read_log, run_args, run_inprocess
 
-import config
 import eval as evaluation
-import parallel
-import preflight
-import report
+from metrics import report
+from runtime import config, parallel, preflight
 
 pytest_plugins = ["train_runs"]
 # DCP read and written in one process
@@ -105,7 +103,7 @@ def test_help_and_defaults_of_the_manifests_agree():
     for flag in ("val_data", "test_data"):
         assert "required with --data" in fields[flag].metadata["help"]
     # without --data, a manifest given is used; the others are the synthetic world's
-    import preflight
+    from runtime import preflight
 
     parallel.init()
     try:

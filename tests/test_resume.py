@@ -29,7 +29,7 @@ from train_runs import (
     torchrun,
 )
 
-import checkpoint
+from runtime import checkpoint, logs
 
 pytest_plugins = ["train_runs"]
 # DCP read and written in one process
@@ -115,16 +115,16 @@ def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)]
     lines.insert(3, json.dumps({"step": 3, "eval": {"war": 0.5}}) + "\n")
     log.write_text("".join(lines) + '{"step": 6, "lo')
-    checkpoint.trim_log(log, 3)
+    logs.trim_log(log, 3)
     assert log.read_text() == "".join(lines[:4])
     # a first run has no log yet
-    checkpoint.trim_log(tmp_path / "absent.jsonl", 3)
+    logs.trim_log(tmp_path / "absent.jsonl", 3)
     assert not (tmp_path / "absent.jsonl").exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_two_fsdp_processes_resume_exactly(fsdp, fsdp_resumed):
     """Sharded model and optimizer state and per-rank RNG, read back by the 2 ranks (the last step
-    has a rank without video: scoring.encode_media's blank tower)."""
+    has a rank without video: thinker.scoring.encode_media's blank tower)."""
     new = steps(read_log(fsdp_resumed / "sft" / "log.jsonl"))
     want = steps(read_log(fsdp / "sft" / "log.jsonl"))
     assert [ln["step"] for ln in new] == [SFT_STEPS - 1, SFT_STEPS]

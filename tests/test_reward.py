@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import reward
-from matcher import Matcher
+from matching.matcher import Matcher
 from reward import (
     accuracy_reward,
     clause_spans,

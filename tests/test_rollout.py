@@ -9,12 +9,10 @@ import pytest
 import torch
 from train_runs import free_port
 
-import batching
 import data
-import model
 import rollout
-import scoring
-from media import load_media
+from thinker import batching, model, scoring
+from thinker.media import load_media
 
 ROOT = Path(__file__).resolve().parents[1]
 

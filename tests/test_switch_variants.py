@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import HfArgumentParser
 
-import config
+from runtime import config
 from tools import bench, study
 
 COMMON = ["python", "train.py", "--eval_limit", "200"]

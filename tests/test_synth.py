@@ -11,9 +11,9 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-import media
-import synth
-import synth_plan
+from synthetic import plan as synth_plan
+from synthetic import world
+from thinker import media
 
 # the split sizes of conftest's synth_world
 N_TRAIN, N_VAL, N_TEST = 240, 60, 12
@@ -58,9 +58,9 @@ def _tree(root):
 
 
 def test_same_seed_same_bytes_in_any_process_count(tmp_path):
-    synth.make_world(tmp_path / "a", 8, 4, 4, seed=5, workers=1)
-    synth.make_world(tmp_path / "b", 8, 4, 4, seed=5, workers=2)
-    synth.make_world(tmp_path / "c", 8, 4, 4, seed=6, workers=1)
+    world.make_world(tmp_path / "a", 8, 4, 4, seed=5, workers=1)
+    world.make_world(tmp_path / "b", 8, 4, 4, seed=5, workers=2)
+    world.make_world(tmp_path / "c", 8, 4, 4, seed=6, workers=1)
     a, b, c = (_tree(tmp_path / x) for x in "abc")
     assert len(a) > 30 and a == b  # manifests, mp4, wav, caches, world.json
     assert a["train.jsonl"] != c["train.jsonl"]
@@ -156,23 +156,23 @@ def test_the_whole_input_determines_the_label(synth_world):
 
 def test_ensure_world_reuses_a_matching_world_and_regenerates_otherwise(tmp_path):
     knobs = dict(n_train=6, n_val=2, n_test=2, seed=1)
-    paths = synth.ensure_world(tmp_path, **knobs)
+    paths = world.ensure_world(tmp_path, **knobs)
     stamp = paths["train"].stat().st_mtime_ns
-    assert synth.ensure_world(tmp_path, **knobs)["train"].stat().st_mtime_ns == stamp
-    synth.ensure_world(tmp_path, **dict(knobs, seed=2))
+    assert world.ensure_world(tmp_path, **knobs)["train"].stat().st_mtime_ns == stamp
+    world.ensure_world(tmp_path, **dict(knobs, seed=2))
     assert json.loads((tmp_path / "world.json").read_text())["seed"] == 2
 
 
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="size"):
-        synth.make_world(tmp_path, 2, 1, 1, size=57)
+        world.make_world(tmp_path, 2, 1, 1, size=57)
     with pytest.raises(ValueError, match="mix"):
-        synth.make_world(tmp_path, 2, 1, 1, mix={"both": 0.5, "dream": 0.5})
+        world.make_world(tmp_path, 2, 1, 1, mix={"both": 0.5, "dream": 0.5})
 
 
 def test_cli_help_names_every_knob(capsys):
     with pytest.raises(SystemExit) as done:
-        synth.main(["--help"])
+        world.main(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     for flag in (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import synth_plan
+from synthetic import plan as synth_plan
 
 
 # ---------------------------------------------------------------- probes on raw features

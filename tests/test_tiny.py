@@ -9,8 +9,8 @@ from thinker_inputs import PROMPT, encode_prompt, logits, random_media
 from torch.testing import assert_close
 from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-from model import load_policy, num_params
-from tiny import NAMED_TOKENS, build_tiny, tiny_config, tiny_processor
+from synthetic.tiny import NAMED_TOKENS, build_tiny, tiny_config, tiny_processor
+from thinker.model import load_policy, num_params
 
 
 @pytest.fixture(scope="module")

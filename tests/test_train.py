@@ -27,9 +27,9 @@ from train_runs import (
     torchrun,
 )
 
-import checkpoint
-import model
 import train
+from runtime import checkpoint
+from thinker import model
 
 pytest_plugins = ["train_runs"]
 # DCP read and written in one process

@@ -4,7 +4,7 @@ test_model.py and test_tiny.py feed the thinker."""
 import numpy as np
 import torch
 
-from model import video_kwargs
+from thinker.model import video_kwargs
 
 PROMPT = [
     {

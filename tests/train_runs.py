@@ -26,14 +26,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-import batching
-import checkpoint
-import config
 import data
-import media
-import model
 import train
-from matcher import Matcher
+from matching.matcher import Matcher
+from runtime import checkpoint, config
+from thinker import batching, media, model
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_STEPS, OPPO_STEPS = 8, 2

@@ -12,17 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import batching
-import config
 import data
-import model
-import parallel
 import perception_loss
-import synth
-import tiny
 import train
-from matcher import Matcher
-from tools.flops import lm_shape, peak, step_flops
+from matching.matcher import Matcher
+from runtime import config, parallel
+from runtime.flops import lm_shape, peak, step_flops
+from synthetic import tiny, world
+from thinker import batching, model
 from tools.measure import clock, count_hooks, timed
 from tools.shapes import real_config
 
@@ -87,7 +84,7 @@ def setup(args):
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_train = max(12, 3 * args.B)
-    synth.ensure_world(out / "synth", n_train=n_train, n_val=1, n_test=1, frames=8, size=args.size)
+    world.ensure_world(out / "synth", n_train=n_train, n_val=1, n_test=1, frames=8, size=args.size)
     manifest = data.load_manifest(out / "synth" / "train.jsonl")
     records = [r for r in manifest if r.get("video") and r.get("audio")]
     policy, ref, processor = thinkers(args, records, device)
@@ -128,7 +125,7 @@ def batch_for(ctx, frames):
 
 
 # ---------------------------------------------------------------- one real step
-def every_token_evidence(tokenizer, completion_ids, mask, sims):
+def every_token_evidence(tokenizer, completion_ids, mask, sims, tau=0.5):
     """Stands in for perception_loss.evidence_masks: every completion token is evidence of both
     modalities, so that both masked passes score all N rows (the upper bound of their cost)."""
     return mask, mask
@@ -154,9 +151,7 @@ def timed_step(ctx, i, batch=None, media=None, every_token=False, **over):
     def step():
         with routing:
             step_metrics.update(
-                train.oppo_step(
-                    targs, policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, 1, i
-                )
+                train.oppo_step(targs, policy, ctx.ref, ctx.processor, ctx.matcher, batch, media, i)
             )
         step_metrics["t"] = clock()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), targs.grad_clip)

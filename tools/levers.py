@@ -1,6 +1,6 @@
 """The levers of docs/performance.md, each timed pulled (A) and undone (B), rounds interleaved.
 
-scoring.py and rollout.py pull every lever; here each one is undone alone:
+thinker/scoring.py and rollout.py pull every lever; here each one is undone alone:
   kv_cache          generate with the KV cache, or re-running the whole sequence every step
   batched_generate  one generate of the G rows of every clip, or G generates of one row a clip
   video_once        the video tower once a clip, its features shared by the clip's G rows,
@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 import rollout
-import scoring
+from thinker import scoring
 from tools.measure import interleave, timed_round
 
 
@@ -54,7 +54,7 @@ class Levers:
         return scoring.encode_audio(self.policy, self.media)
 
     def fresh(self, g):
-        """g rows a clip sharing its features, each tower run once a clip as scoring.py does."""
+        """g rows a clip sharing its features, each tower run once a clip (as thinker/scoring)."""
         return scoring.expand(self.media, g, self.encode_video(), self.encode_audio())
 
     def video_per_row(self):

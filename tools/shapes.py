@@ -2,7 +2,7 @@
 of the real size in tools/bench.py --config 3b|7b.
 """
 
-import tiny
+from synthetic import tiny
 
 # the language models; the vision and audio towers are alike in both
 REAL = {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-import report
+from metrics import report
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 # each RL variant: the train.py switches that make it

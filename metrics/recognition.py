@@ -1,21 +1,15 @@
-"""The evaluation metrics of docs/method.md, section 7, as functions of answers and labels.
+"""Emotion recognition metrics of docs/method.md, section 7, as functions of answers and labels.
 
-Emotion recognition: closed-set WAR / UAR, and the MER-UniBench scores of AffectGPT (HIT,
-open-vocabulary precision / recall / F, sentiment WAF / accuracy), optionally through emotion
-wheels. MEP-Bench-style perception: the utilization of one sample (recovered_share) and the
-faithfulness of a masked run (chair). eval.py produces the answers and claims these score.
+Closed-set WAR / UAR, and the MER-UniBench scores of AffectGPT (HIT, open-vocabulary precision /
+recall / F, sentiment WAF / accuracy), optionally through emotion wheels. eval.py produces the
+answers these score; metrics/perception.py scores the reasoning.
 """
 
 import re
 from pathlib import Path
 
-import torch
-
 import reward
 
-SENSES = ("visual", "acoustic")
-# each masked run of eval.py: the sense it must not make claims about
-CLAIMED = {"no_video": "visual", "no_audio": "acoustic"}
 # the sign of each label's sentiment; surprise counts 0 (a flat face)
 VALENCE = {
     "happy": 1,
@@ -180,82 +174,3 @@ def load_wheels(directory):
             wheel[reward._clean(word)] = reward._clean(rest[0])
         wheels.append(wheel)
     return wheels
-
-
-# ---------------------------------------------------------------- MEP-Bench: U and F
-def recovered_share(S, theta=0.6):
-    """MEP-Bench-style utilization of one sample: the share of its cues some clause recovers.
-
-    S (K clauses, J cues) holds cosine similarities; a cue is recovered when a clause matches it
-    at >= theta. None without cues (the sample is not counted), 0 without clauses.
-    """
-    K, J = S.shape
-    if not J:
-        return None
-    if K:
-        hit = (S.max(dim=0).values >= theta).float()  # (J,)
-    else:
-        hit = torch.zeros(J)  # (J,)
-    return hit.mean().item()
-
-
-def chair(counts, modality):
-    """CHAIR^m (Rohrbach et al. 2018, by modality) of the run with `modality` masked.
-
-    counts: per sample, its number of "visual" and "acoustic" claims. CHAIR = #m-claims /
-    #(visual + acoustic claims), 0 without claims. Returns (CHAIR, faithfulness F = 1 - CHAIR,
-    CHAIR_s: the share of samples with an m-claim).
-    """
-    total = sum(c["visual"] + c["acoustic"] for c in counts)
-    claimed = sum(c[modality] for c in counts)
-    rate = claimed / total if total else 0.0
-    return rate, 1.0 - rate, mean([c[modality] > 0 for c in counts])
-
-
-# ---------------------------------------------------------------- all of them over a run
-def summarize(rows, wheels=None):
-    """Every metric and count over per-sample rows (built by `score`)."""
-    labels = [r["label"] for r in rows]
-    answers = [r["answer"]["full"] for r in rows]
-    valences = [r["valence"] for r in rows]
-    recognition = war_uar(answers, labels)
-    # AffectGPT scores with each emotion wheel and averages; no wheels: the built-in synonym map
-    wheel_list = wheels or [None]
-    hits = [hit_rate(answers, labels, wheel=w) for w in wheel_list]
-    prfs = [open_vocab_prf(answers, labels, wheel=w) for w in wheel_list]
-    waf, sentiment_acc, sentiment_n = sentiment(answers, labels, valences)
-    counts = {
-        "n": len(rows),
-        "answered": sum(a is not None for a in answers),
-        "hit": hits[0][1],
-        "open_vocab": prfs[0][3],
-        "sentiment": sentiment_n,
-    }
-    scores = {
-        "war": recognition["war"],
-        "uar": recognition["uar"],
-        "hit": mean([h[0] for h in hits]),
-        "ov_precision": mean([prf[0] for prf in prfs]),
-        "ov_recall": mean([prf[1] for prf in prfs]),
-        "ov_f": mean([prf[2] for prf in prfs]),
-        "sent_waf": waf,
-        "sent_acc": sentiment_acc,
-        "format": mean([r["format"] for r in rows]),
-    }
-    for run in CLAIMED:
-        run_answers = [r["answer"][run] for r in rows]
-        scores[f"war_{run}"] = war_uar(run_answers, labels)["war"]
-    for sense in SENSES:
-        shares = [r["u"][sense] for r in rows if r["u"][sense] is not None]
-        scores[f"U_{sense}"] = mean(shares)
-        counts[f"U_{sense}"] = len(shares)
-    for run, sense in CLAIMED.items():
-        run_claims = [r["claims"][run] for r in rows]
-        chair_rate, faithfulness, chair_s = chair(run_claims, sense)
-        scores[f"CHAIR_{sense}"] = chair_rate
-        scores[f"F_{sense}"] = faithfulness
-        scores[f"CHAIR_s_{sense}"] = chair_s
-        counts[f"claims_{run}"] = {s: sum(c[s] for c in run_claims) for s in SENSES}
-    scores["U"] = mean([scores["U_visual"], scores["U_acoustic"]])
-    scores["F"] = mean([scores["F_visual"], scores["F_acoustic"]])
-    return {"metrics": scores, "counts": counts, "recall": recognition["recall"]}

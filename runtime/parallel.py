@@ -102,7 +102,7 @@ def gather_towers(policy):
     through the backward until `reshard_after_step`.
 
     FSDP2 gathers a unit and reduces its gradient only on the ranks that run it, at the point of
-    the graph where they run it; so every rank runs both towers (scoring.encode_media), the
+    the graph where they run it; so every rank runs both towers (thinker.scoring.encode_media), the
     towers are gathered up front, in one order, and the root stays gathered: real media features
     pass through the root's forward and blank ones do not, so the ranks would otherwise reach its
     backward gathers at different times. The towers stay gathered after forward until the next
@@ -112,6 +112,20 @@ def gather_towers(policy):
     for tower in (policy.model.visual, policy.model.audio_tower):
         tower.set_reshard_after_forward(False)
         tower.unshard()
+
+
+def backward(loss, *towers):
+    """loss.backward(), the loss joined by each pass's FSDP2 term (thinker.scoring.Towers:
+    `in_graph`, 0 x the output of a tower the rank's clips do not use), so that every rank's
+    backward reaches both towers; the term is 0 in value and in gradient.
+
+    Gradients are summed over ranks (`shard`): each rank's loss is its share of the global one.
+    """
+    for t in towers:
+        if torch.is_tensor(t.in_graph):
+            loss = loss + t.in_graph
+    loss.backward()
+    return loss.detach()
 
 
 def reshard_after_step(policy):

@@ -24,7 +24,7 @@ FRAMES = 8
 # crashes the rotary positions beside a video and silently drops the audio without one.
 HOP = 160
 MIN_AUDIO_SAMPLES = 2 * HOP + 1
-# safetensors dtypes of a synth.py cache's tensors
+# safetensors dtypes of a synthetic cache's tensors
 CACHE_DTYPES = {"frames": "U8", "waveform": "F32"}
 
 
@@ -102,7 +102,7 @@ def _header_samples(box):
 
 
 def probe_cache(path, has_video, has_audio):
-    """Open a synth.py cache's header only: raise DataError unless it holds frames (T, H, W, 3)
+    """Open a synthetic cache's header only: raise DataError unless it holds frames (T, H, W, 3)
     uint8 for a record with video and a waveform (S,) float32 for one with audio; return the
     waveform's length (None: none)."""
     wanted = []
@@ -134,7 +134,7 @@ def probe_cache(path, has_video, has_audio):
         if not right_shape or dtypes[name] != CACHE_DTYPES[name]:
             raise DataError(
                 f"cache file {path}: {name} is {dtypes[name]} {shapes[name]}, "
-                f"not {CACHE_DTYPES[name]} of the shape a synth.py cache holds"
+                f"not {CACHE_DTYPES[name]} of the shape a synthetic cache holds"
             )
     if "waveform" in shapes:
         return shapes["waveform"][0]
@@ -196,7 +196,7 @@ def load_media(record, frames=FRAMES):
     """(video (T, H, W, 3) uint8 | None, audio (S,) float32 16 kHz | None) of a record; every
     frame when frames is None.
 
-    From synth.py's cache when there is one; without an audio file, from the video's audio
+    From the synthetic cache when there is one; without an audio file, from the video's audio
     track. A decoding error, or audio too short for an audio token, becomes a DataError naming
     the manifest line, the file and the record."""
     where = record.get("source", record.get("id"))
@@ -224,7 +224,7 @@ def load_media(record, frames=FRAMES):
 
 
 def load_cache(path, frames):
-    """(video (frames, H, W, 3) uint8 | None, audio (S,) float32 | None) of a synth.py cache file,
+    """(video (frames, H, W, 3) uint8 | None, audio (S,) float32 | None) of a synthetic cache file,
     which holds every decoded frame (all returned when frames is None) and the waveform."""
     cached = load_file(path)
     video = cached.get("frames")  # (T, H, W, 3)
@@ -236,7 +236,7 @@ def load_cache(path, frames):
 # ---------------------------------------------------------------- 3. verification
 def verify(record):
     """Decode a record's media as training reads them (load_media), every frame, and check what
-    came out: a finite waveform and, for a record with a synth.py cache, the cache equal to its
+    came out: a finite waveform and, for a record with a synthetic cache, the cache equal to its
     media files decoded. Raise DataError naming the manifest line, the file
     and the record; return the audio's length in 16 kHz samples (None: no audio)."""
     where = record.get("source", record.get("id"))

@@ -10,7 +10,7 @@ keep every token and position of x and zero a fraction of one modality's process
 import numpy as np
 import torch
 
-import media
+from thinker import media
 
 # frames per second of the sampled frames, as the processor is told
 FPS = 2.0

@@ -7,8 +7,7 @@
   `resume_changes` compares a --resume's arguments with them: a stage resumed with other
   arguments is not the run its checkpoint belongs to, so the run refuses, naming each flag,
   unless --allow_changed_args. EXEMPT flags change where, when or how, not what, is computed.
-- `log_event` appends a JSON line to `<out>/run.jsonl`, the run's log: one line per start of
-  train.py (the manifests' counts) and one per stage started.
+- `start_stage` also logs the stage's start in `<out>/run.jsonl` (runtime/logs.py).
 """
 
 import dataclasses
@@ -16,14 +15,12 @@ import fcntl
 import json
 import os
 import socket
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
 
-import checkpoint
-import parallel
+from runtime import checkpoint, logs, parallel
 
 # never compared on --resume: where the run writes and what it accepts; evaluation and
 # checkpoint cadence; memory and speed settings (the same result up to floating-point rounding)
@@ -38,6 +35,7 @@ EXEMPT = {
     "test_data",
     "eval_every",
     "eval_limit",
+    "theta",
     "save_every",
     "micro_batch",
     "activation_checkpointing",
@@ -107,7 +105,7 @@ class Lock:
             )
         file.seek(0)
         file.truncate()
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": logs.now()}
         file.write(json.dumps(me))
         file.flush()
         self.file = file
@@ -153,10 +151,6 @@ def _holder(file):
         return f"pid {holder['pid']} on host {holder['host']} since {holder['started']}"
     except (ValueError, KeyError, TypeError):
         return UNKNOWN
-
-
-def _now():
-    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # ---------------------------------------------------------------- 2. the arguments of a stage
@@ -247,14 +241,4 @@ def start_stage(args, stage, start, records, changes, master):
     event["skipped"] = len(records.errors)
     if changes:
         event["changed_args"] = changes
-    log_event(args.out, event, master)
-
-
-# ---------------------------------------------------------------- 3. the run's log
-def log_event(out, event, master):
-    """Append `event` as one JSON line to `<out>/run.jsonl` (rank 0, `master`, alone)."""
-    if not master:
-        return
-    log = checkpoint.Log(Path(out) / "run.jsonl", 0, master)
-    log.write({"time": _now(), **event})
-    log.close()
+    logs.log_event(args.out, event, master)

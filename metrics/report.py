@@ -1,14 +1,17 @@
 """Evaluation reports: the headline metrics, saved and loaded as JSON, compared in a table, plotted.
 
-A report is the dict eval.evaluate returns (its "metrics" are defined in docs/method.md,
-section 7); train.py saves the test split's as test_report.json, and `python eval.py --compare
-A.json B.json --plot out.png` prints and draws several side by side.
+A report is the dict eval.evaluate returns: `summarize` computes its "metrics" (defined in
+docs/method.md, section 7) from eval.score's per-sample rows. train.py saves the test split's as
+test_report.json, and `python eval.py --compare A.json B.json --plot out.png` prints and draws
+several side by side.
 """
 
 import json
 import os
 import sys
 from pathlib import Path
+
+from metrics import perception, recognition
 
 # the headline metrics, in the order of every table and plot
 KEYS = (
@@ -28,6 +31,54 @@ KEYS = (
     "F_acoustic",
     "F",
 )
+
+
+def summarize(rows, wheels=None):
+    """Every metric and count over per-sample rows (built by eval.score)."""
+    labels = [r["label"] for r in rows]
+    answers = [r["answer"]["full"] for r in rows]
+    valences = [r["valence"] for r in rows]
+    recognized = recognition.war_uar(answers, labels)
+    # AffectGPT scores with each emotion wheel and averages; no wheels: the built-in synonym map
+    wheel_list = wheels or [None]
+    hits = [recognition.hit_rate(answers, labels, wheel=w) for w in wheel_list]
+    prfs = [recognition.open_vocab_prf(answers, labels, wheel=w) for w in wheel_list]
+    waf, sentiment_acc, sentiment_n = recognition.sentiment(answers, labels, valences)
+    counts = {
+        "n": len(rows),
+        "answered": sum(a is not None for a in answers),
+        "hit": hits[0][1],
+        "open_vocab": prfs[0][3],
+        "sentiment": sentiment_n,
+    }
+    scores = {
+        "war": recognized["war"],
+        "uar": recognized["uar"],
+        "hit": recognition.mean([h[0] for h in hits]),
+        "ov_precision": recognition.mean([prf[0] for prf in prfs]),
+        "ov_recall": recognition.mean([prf[1] for prf in prfs]),
+        "ov_f": recognition.mean([prf[2] for prf in prfs]),
+        "sent_waf": waf,
+        "sent_acc": sentiment_acc,
+        "format": recognition.mean([r["format"] for r in rows]),
+    }
+    for run in perception.CLAIMED:
+        run_answers = [r["answer"][run] for r in rows]
+        scores[f"war_{run}"] = recognition.war_uar(run_answers, labels)["war"]
+    for sense in perception.SENSES:
+        shares = [r["u"][sense] for r in rows if r["u"][sense] is not None]
+        scores[f"U_{sense}"] = recognition.mean(shares)
+        counts[f"U_{sense}"] = len(shares)
+    for run, sense in perception.CLAIMED.items():
+        run_claims = [r["claims"][run] for r in rows]
+        chair_rate, faithfulness, chair_s = perception.chair(run_claims, sense)
+        scores[f"CHAIR_{sense}"] = chair_rate
+        scores[f"F_{sense}"] = faithfulness
+        scores[f"CHAIR_s_{sense}"] = chair_s
+        counts[f"claims_{run}"] = {s: sum(c[s] for c in run_claims) for s in perception.SENSES}
+    scores["U"] = recognition.mean([scores["U_visual"], scores["U_acoustic"]])
+    scores["F"] = recognition.mean([scores["F_visual"], scores["F_acoustic"]])
+    return {"metrics": scores, "counts": counts, "recall": recognized["recall"]}
 
 
 def summary(report):

@@ -8,9 +8,9 @@ that exist, and (when asked) their headers and an audio long enough for an audio
 
 from pathlib import Path
 
-import media
-from cues import CUE_KINDS, decompose_cues
-from media import DataError
+from corpora.decompose import CUE_KINDS, decompose_cues
+from thinker import media
+from thinker.media import DataError
 
 
 def parse(rec, root, check_media):
@@ -58,7 +58,7 @@ def parse(rec, root, check_media):
 
 
 def _probe(rec):
-    """A record's audio length in 16 kHz samples by the headers of its media (of its synth.py
+    """A record's audio length in 16 kHz samples by the headers of its media (of its synthetic-world
     cache when it has one, which was decoded from these very files); DataError when a header is
     bad or the audio too short for an audio token."""
     if "cache" in rec:

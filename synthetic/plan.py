@@ -1,6 +1,7 @@
 """What each synthetic clip shows and says: the emotion grid, the cue vocabulary, the
 subtitles, and `plan`, which draws one clip's modality states, details, subtitle, reasoning and
-cues. synth.py's docstring describes the world; docs/method.md, section 10, gives the reasons.
+cues. synthetic/world.py's docstring describes the world; docs/method.md, section 10, gives
+the reasons.
 """
 
 # Emotion -> the face's valence and the voice's arousal; the emotion is the pair.
@@ -9,7 +10,7 @@ VALENCE = dict(
     neutral="flat", happy="smile", sad="frown", angry="frown", surprise="flat", worried="frown"
 )
 AROUSAL = dict(neutral="low", happy="high", sad="low", angry="high", surprise="high", worried="mid")
-# Scenario -> its share of every split (synth.py describes the scenarios).
+# Scenario -> its share of every split (synthetic/world.py describes them).
 MIX = {"both": 0.5, "face_only": 0.125, "voice_only": 0.125, "blank": 0.15, "subtitle": 0.1}
 
 # The cue vocabulary: one phrase per thing drawn or synthesized.

@@ -4,7 +4,7 @@ and of tools/bench.py. Counted from the shapes, not measured: the same formula o
 
 import torch
 
-import model
+from thinker import model
 
 # each GPU's dense bf16 FLOP/s and memory bytes/s, from its spec sheet
 PEAK = {

@@ -28,9 +28,10 @@ and reasoning mention exactly what was rendered: nothing about an empty or absen
 
 Writes video/*.mp4, audio/*.wav (16 kHz), cache/*.safetensors (decoded frames and waveform, so
 training never redraws or re-decodes), {train,val,test}.jsonl and world.json; same seed, same
-bytes. The faces, voices and mp4 files are drawn by synth_media.py.
+bytes. The faces, voices and mp4 files are drawn by synthetic/render.py,
+what each clip shows and says is planned by synthetic/plan.py.
 
-    python synth.py --out runs/synth        # 2000 / 200 / 200 clips
+    python -m synthetic.world --out runs/synth        # 2000 / 200 / 200 clips
 """
 
 import json
@@ -46,11 +47,13 @@ import soundfile as sf
 from safetensors.torch import save_file
 from transformers import HfArgumentParser
 
-import media
-from synth_media import SR, draw_face, synth_voice, write_mp4
-from synth_plan import AROUSAL, LABELS, MIX, VALENCE, plan
+from synthetic.plan import AROUSAL, LABELS, MIX, VALENCE, plan
+from synthetic.render import SR, draw_face, synth_voice, write_mp4
+from thinker import media
 
 SPLITS = ("train", "val", "test")
+# where `python train.py` builds the default world
+WORLD_DIR = "runs/synth"
 VERSION = 1
 
 
@@ -211,7 +214,7 @@ MIX_TEXT = ",".join(f"{name}={share}" for name, share in MIX.items())
 
 @dataclass
 class Args:
-    """synth.py's flags: the output directory and make_world's knobs."""
+    """The world's flags: the output directory and make_world's knobs."""
 
     out: str = arg("runs/synth", "output directory")
     n_train: int = arg(2000, "training clips")

@@ -139,7 +139,17 @@ class Args:
     )
     tau: float = field(
         default=0.5,
-        metadata={"help": "tau, cue-recovery and routing threshold, Eqs. (3) and (9)"},
+        metadata={
+            "help": "tau, cue-recovery and routing threshold, Eqs. (3) and (9): the reward, the "
+            "evidence tokens, the masked rollouts' claims and the evaluation's claims"
+        },
+    )
+    theta: float = field(
+        default=0.6,
+        metadata={
+            "help": "theta, the cosine at which the evaluation counts a cue as recovered "
+            "(utilization U^m, docs/method.md, section 7)"
+        },
     )
     gamma: float = field(
         default=None,
@@ -188,7 +198,7 @@ class Args:
         default=0,
         metadata={
             "help": "Gm, completions sampled per clip under each masked input (rho = 1), their "
-            "claims of the masked modality penalised (masked_rollout.py); 0: off"
+            "claims of the masked modality penalised (variants/masked_rollout.py); 0: off"
         },
     )
     masked_rollout_modalities: str = field(
@@ -235,7 +245,7 @@ class Args:
         metadata={
             "help": "--resume refuses arguments that differ from <out>/<stage>/args.json; this "
             "accepts them (printed, logged; more steps continue a finished stage). Exempt: out "
-            "resume stages profile val_data test_data eval_every eval_limit save_every "
+            "resume stages profile val_data test_data eval_every eval_limit theta save_every "
             "max_bad_records micro_batch activation_checkpointing cache_inputs"
         },
     )

@@ -22,17 +22,15 @@ import functools
 import time
 
 import torch
+import torch.distributed as dist
 
-import batching
 import data
-import eval as evaluation
-import microbatch
 import oppo
-import parallel
 import reward
 import rollout
-import scoring
-from tools import flops
+from metrics import perception
+from runtime import flops, parallel
+from thinker import batching, microbatch, scoring
 
 # each masked modality, and the claims that its absence makes unfounded
 CLAIM = {"video": "visual", "audio": "acoustic"}
@@ -60,7 +58,7 @@ def training_inventory(manifest):
     if not manifest:
         raise ValueError("--masked_rollouts routes claims against the cues of --data: it is empty")
     records = parallel.from_rank0(data.load_manifest, manifest)
-    return evaluation.cue_inventory([record.get("cues") or {} for record in records])
+    return perception.cue_inventory([record.get("cues") or {} for record in records])
 
 
 # Eq. (9), then the reward r_i
@@ -76,7 +74,7 @@ def claim_rewards(texts, sims, modality, tau=0.5, w_fmt=0.1):
     shares = []
     formats = []
     for text, sim in zip(texts, sims):
-        counts = evaluation.claims(sim, tau)
+        counts = perception.claims(sim, tau)
         claimed = counts["visual"] + counts["acoustic"]
         shares.append(counts[CLAIM[modality]] / max(1, claimed))
         formats.append(reward.format_reward(text))
@@ -86,7 +84,7 @@ def claim_rewards(texts, sims, modality, tau=0.5, w_fmt=0.1):
 
 
 # Eqs. (6)-(8)
-def masked_backward(args, policy, roll, adv, world):
+def backpropagate(args, policy, roll, adv):
     """Back-propagate w_mr * agg(pg_t) of the samples under x\\m, `--micro_batch` clips at a time.
 
     roll.media is the masked batch: its towers run again with gradient. The loss is normalised by
@@ -100,9 +98,8 @@ def masked_backward(args, policy, roll, adv, world):
     for c0, c1 in microbatch.ranges(len(roll.media["input_ids"]), args.micro_batch):
         rows = slice(c0 * G, c1 * G)
         clips = microbatch.clips(policy, roll.media, c0, c1, roll.positions)
-        # blank is 0 (scoring.encode_media)
-        video, audio, blank = scoring.encode_media(policy, clips.batch)
-        inputs = scoring.expand(clips.batch, G, video, audio, clips.positions)
+        towers = scoring.encode_media(policy, clips.batch)
+        inputs = scoring.expand(clips.batch, G, towers.video, towers.audio, clips.positions)
         logp = scoring.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C)
         pg_loss, _ = oppo.policy_loss(
             logp,
@@ -117,13 +114,12 @@ def masked_backward(args, policy, roll, adv, world):
             num_tokens=n_tok,
             num_seqs=n_seq,
         )
-        loss = args.masked_rollout_weight * pg_loss + blank
-        loss.backward()
-        total += float(loss.detach()) * world
+        loss = parallel.backward(args.masked_rollout_weight * pg_loss, towers)
+        total += float(loss) * dist.get_world_size()
     return total
 
 
-def backward(args, policy, processor, matcher, recs, media, world, step):
+def run(args, policy, processor, matcher, recs, media, step):
     """The masked rollouts of one step on this rank's B clips: sample, reward, back-propagate.
 
     media is the B clips' processed batch of the main rollout. Returns the metrics: "loss" and
@@ -153,7 +149,7 @@ def backward(args, policy, processor, matcher, recs, media, world, step):
         # rewards are computed on the CPU; the loss reads them beside the log-probs
         rewards = rewards.to(roll.completion_ids.device)  # (N,)
         adv, _ = oppo.group_advantages(rewards, Gm, scale_std=args.scale_std)
-        metrics["loss"] += masked_backward(args, policy, roll, adv, world)
+        metrics["loss"] += backpropagate(args, policy, roll, adv)
         completion_tokens = float(roll.completion_mask.sum())
         prompt_tokens = float(masked["attention_mask"].sum()) * Gm
         metrics["flops"] += flops.step_flops(

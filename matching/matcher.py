@@ -5,7 +5,8 @@ embeds them and the ground-truth cues, and returns one `Sim` per completion: rew
 matrices into the cue-recovery reward (Eqs. 3-4), perception_loss.py routes evidence tokens with
 them (Eq. 9). See docs/method.md, section 2.
 
-Benchmark: `python matcher.py --runs 10` (one group of 8 completions of ~100 words, 8 cues).
+Benchmark: `python -m matching.matcher --runs 10` (one group of 8 completions of ~100 words,
+8 cues).
 """
 
 import json

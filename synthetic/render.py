@@ -1,7 +1,7 @@
 """The synthetic world's media: drawn faces, synthesised voices, and their mp4 files.
 
 The face carries only valence (mouth curvature and brow angle), the voice only arousal (pitch,
-pitch movement, loudness, syllable rate); synth.py decides what each clip renders
+pitch movement, loudness, syllable rate); synthetic/world.py decides what each clip renders
 (docs/method.md, section 10). Every draw comes from the clip's own generator, so the same seed
 gives the same bytes.
 """

@@ -8,11 +8,8 @@
   does so for a stage, learning-rate schedule included.
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
-- `Log` is a stage's log.jsonl, trimmed on resume to the steps the checkpoint holds.
 """
 
-import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -148,49 +145,3 @@ def resume(ckpt_dir, model, optim, sched):
     sched.last_epoch = start - 1
     sched.step()
     return start
-
-
-def trim_log(path, step):
-    """Keep the JSON lines of steps <= step: a run resumed from step `step` logs the later ones
-    again. A last line cut off by a kill goes too. Written to a temp file, then renamed."""
-    path = Path(path)
-    if not path.exists():
-        return
-    # not a half-written last line
-    lines = [line for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-class Log:
-    """A stage's log.jsonl, one JSON object a line, written by rank 0 alone (`master`).
-
-    Opened for a run that starts at `start`: the lines of later steps, from a run killed after
-    its last checkpoint, go (they run again and are logged once)."""
-
-    def __init__(self, path, start, master):
-        self.file = None
-        if master:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            trim_log(path, start)
-            self.file = open(path, "a")
-
-    def write(self, record):
-        """One line; a non-finite float is written as a string ("nan"), so the line is strict
-        JSON."""
-        if self.file is None:
-            return
-        strict = {}
-        for key, value in record.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                value = str(value)
-            strict[key] = value
-        self.file.write(json.dumps(strict) + "\n")
-        self.file.flush()
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()

@@ -18,14 +18,10 @@ from pathlib import Path
 import torch.distributed as dist
 from transformers import WhisperFeatureExtractor
 
-import batching
 import data
-import media
-import parallel
-import report
-import rundir
-import synth
-import tiny
+from metrics import report
+from runtime import logs, parallel, rundir
+from thinker import batching, media
 
 # the flag of each split's manifest
 FLAGS = {"train": "data", "val": "val_data", "test": "test_data"}
@@ -49,16 +45,21 @@ def require_manifests(args):
 
 
 def default_assets(args, master):
-    """`python train.py` with no paths: build the synthetic world and the tiny thinker if absent."""
+    """`python train.py` with no paths: build the synthetic world and the tiny thinker if absent.
+    The synthetic package is imported here alone: a run on real data never loads it."""
     if not args.data:
+        from synthetic import world
+
         # a manifest given stays
-        for flag, split in zip(("data", "val_data", "test_data"), synth.SPLITS):
+        for flag, split in zip(("data", "val_data", "test_data"), world.SPLITS):
             if not getattr(args, flag):
-                setattr(args, flag, f"runs/synth/{split}.jsonl")
+                setattr(args, flag, f"{world.WORLD_DIR}/{split}.jsonl")
         if master:
-            synth.ensure_world("runs/synth", frames=args.frames)
+            world.ensure_world(world.WORLD_DIR, frames=args.frames)
     dist.barrier()
     if not args.model:
+        from synthetic import tiny
+
         args.model = tiny.TINY_DIR
         if master and not (Path(args.model) / "config.json").exists():
             corpus = batching.corpus(data.load_manifest(args.data))
@@ -81,7 +82,7 @@ def load_manifests(args):
     if problem:
         rundir.refuse(problem)
     start = {"event": "start", "manifests": summary(args, manifests)}
-    rundir.log_event(args.out, start, dist.get_rank() == 0)
+    logs.log_event(args.out, start, dist.get_rank() == 0)
     return manifests
 
 

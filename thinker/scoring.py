@@ -10,18 +10,19 @@ media prompt, so (docs/performance.md):
   - the 3-D rotary positions are built once per clip (`positions`) and continued over the
     completion, not rebuilt per row in every forward by the thinker's Python loop;
   - the LM head sees only completion positions (`lm_head_rows`), never the prompt.
-Micro-batches are ranges of clips with their G rows (microbatch.py).
+Micro-batches are ranges of clips with their G rows (thinker/microbatch.py).
 Shapes: B clips, G completions each, N = B * G rows (clip b owns rows b * G to b * G + G - 1),
 P prompt positions, C completion positions, V vocabulary, D feature width.
 """
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import parallel
+from runtime import parallel
 
 
 # ---------------------------------------------------------------- the towers, once per clip
@@ -47,27 +48,52 @@ def encode_audio(model, batch):
     return features.last_hidden_state.split(tokens[tokens > 0].tolist())
 
 
-def encode_media(policy, batch):
-    """encode_video and encode_audio for a pass with gradient, plus a zero for the loss.
+@dataclass
+class Towers:
+    """The tower outputs of a pass with gradient, and the FSDP2 term that keeps the towers in
+    its graph.
 
     Under FSDP2 every rank must run both towers (parallel.gather_towers says why): a tower that
-    this rank's clips do not use runs on a blank input, and the zero is 0 x its output, so the
-    tower joins the backward without changing any gradient. Returns (video, audio, zero).
+    this rank's clips do not use runs on a blank input, and `in_graph` is 0 x its output, which
+    parallel.backward adds to the loss: the tower joins the backward without changing any
+    gradient. 0.0 in one process.
     """
+
+    video: BaseModelOutputWithPooling | None = None
+    audio: tuple | None = None
+    in_graph: torch.Tensor | float = 0.0
+
+
+def encode_media(policy, batch):
+    """encode_video and encode_audio for a pass with gradient, as Towers."""
     if dist.get_world_size() == 1:
-        return encode_video(policy, batch), encode_audio(policy, batch), 0.0
+        return Towers(encode_video(policy, batch), encode_audio(policy, batch))
     parallel.gather_towers(policy)
-    video = encode_video(policy, batch)
-    audio = encode_audio(policy, batch)
+    towers = Towers()
+    for modality in ("video", "audio"):
+        encoded = encode_tower(policy, batch, modality)
+        setattr(towers, modality, getattr(encoded, modality))
+        towers.in_graph = towers.in_graph + encoded.in_graph
+    return towers
+
+
+def encode_tower(policy, batch, modality):
+    """The tower of one modality ("video" or "audio") with gradient, as Towers: its output, or
+    under FSDP2 on a rank whose clips lack the modality, the blank input's term."""
+    towers = Towers()
+    if modality == "video":
+        towers.video = encode_video(policy, batch)
+    else:
+        towers.audio = encode_audio(policy, batch)
+    if getattr(towers, modality) is not None or dist.get_world_size() == 1:
+        return towers
     device = batch["input_ids"].device
-    zero = 0.0
-    if video is None:
-        blank = blank_video(policy, device)
-        zero = zero + 0 * blank.pooler_output[0].sum()
-    if audio is None:
-        blank = blank_audio(policy, device)
-        zero = zero + 0 * blank.last_hidden_state.sum()
-    return video, audio, zero
+    if modality == "video":
+        blank = blank_video(policy, device).pooler_output[0]
+    else:
+        blank = blank_audio(policy, device).last_hidden_state
+    towers.in_graph = 0 * blank.sum()
+    return towers
 
 
 def blank_video(policy, device):
@@ -251,23 +277,32 @@ def lm_head_rows(model, n):
         handle.remove()
 
 
-def selective_log_softmax(logits, ids, chunk=8):
-    """log softmax(logits)[ids] without materialising the whole log-softmax; rows in chunks."""
+def selective_log_softmax(logits, ids, chunk=8, entropy=False):
+    """log softmax(logits)[ids], (N, C), without materialising the whole log-softmax; rows in
+    chunks. entropy=True also returns each position's entropy -sum_w p(w) log p(w), (N, C)."""
     out = []
+    entropies = []
     for logits_chunk, ids_chunk in zip(logits.split(chunk), ids.split(chunk)):
         logits_chunk = logits_chunk.float()  # (n, C, V)
         picked = logits_chunk.gather(-1, ids_chunk.unsqueeze(-1)).squeeze(-1)  # (n, C)
-        out.append(picked - torch.logsumexp(logits_chunk, -1))
+        log_z = torch.logsumexp(logits_chunk, -1)  # (n, C)
+        out.append(picked - log_z)
+        if entropy:
+            log_p = logits_chunk - log_z.unsqueeze(-1)  # (n, C, V)
+            entropies.append(-(log_p.exp() * log_p).sum(-1))  # (n, C)
+    if entropy:
+        return torch.cat(out), torch.cat(entropies)
     return torch.cat(out)  # (N, C)
 
 
-def logprobs(model, inputs, completion_ids, micro_batch=None):
+def logprobs(model, inputs, completion_ids, micro_batch=None, entropy=False):
     """log pi(o_t | x, o_<t) for every completion token, (N, C).
 
     `inputs` are the N prompt rows (left-padded, from `expand`); the completion is appended
     right-padded, so the logits of completion token t sit at position P - 1 + t. Gradient flows
     when the caller enables it; masked and reference passes call this under torch.no_grad().
-    micro_batch: rows per forward (None: all N in one).
+    micro_batch: rows per forward (None: all N in one). entropy=True also returns the entropy of
+    each position's next-token distribution, (N, C) (variants/masked_grad.py).
     """
     N, C = completion_ids.shape
     size = micro_batch or N
@@ -289,5 +324,8 @@ def logprobs(model, inputs, completion_ids, micro_batch=None):
         features = rows.pop("audio_features", None)
         with lm_head_rows(model, C + 1), audio_features(model, features):
             logits = model(**rows).logits[:, :-1]  # (n, C, V)
-        out.append(selective_log_softmax(logits, completion))
+        out.append(selective_log_softmax(logits, completion, entropy=entropy))
+    if entropy:
+        logp, entropies = zip(*out)
+        return torch.cat(logp), torch.cat(entropies)  # (N, C) each
     return torch.cat(out)  # (N, C)
