@@ -37,22 +37,27 @@ FEATURES = ("pixel_values_videos", "input_features")
 
 
 # ---------------------------------------------------------------- scoring
-def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3):
-    """The report of completions `texts` = {"full", "no_video", "no_audio"} -> list[str].
+def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3, samples=None):
+    """The report of completions `texts` = {"full", "no_video", "no_audio"} -> list[str], the
+    greedy answers, and `samples`, the same keys -> K sampled completions per record (None: the
+    greedy answers stand in for them).
 
-    Each list is aligned with `records`. Cues are recovered from the full run's completions;
-    the masked runs' claims are routed against the whole dataset's cue inventory.
+    Each list is aligned with `records`. Cues are recovered from the full run's greedy answers;
+    every completion's sentences about a modality are found against the dataset's whole cue
+    inventory (metrics.perception.describes).
     """
     if any(len(texts.get(run, ())) != len(records) for run in MASKS):
         raise ValueError(
             f"eval.score: texts needs keys {list(MASKS)}, each one completion per record"
         )
+    if samples is None:
+        samples = {run: [[text] for text in texts[run]] for run in MASKS}
     cues = [r.get("cues") or {} for r in records]
     inventory = perception.cue_inventory(cues)
     full = matcher.similarities(texts["full"], cues)
-    masked = {}
-    for run in perception.CLAIMED:
-        masked[run] = matcher.similarities(texts[run], [inventory] * len(records))
+    greedy = {run: [[text] for text in texts[run]] for run in MASKS}
+    greedy_sims = perception.inventory_similarities(matcher, greedy, inventory)
+    sampled_sims = perception.inventory_similarities(matcher, samples, inventory)
     rows = []
     for i, record in enumerate(records):
         row = {
@@ -60,25 +65,40 @@ def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3
             "valence": record.get("valence"),
             "format": reward.format_reward(texts["full"][i]),
             "answer": {run: reward.extract_answer(texts[run][i]) for run in MASKS},
+            "has": {sense: bool(cues[i].get(sense)) for sense in perception.SENSES},
             "u": {
                 sense: perception.recovered_share(full[i].S[sense], theta)
                 for sense in perception.SENSES
             },
-            "claims": {run: perception.claims(masked[run][i], tau) for run in perception.CLAIMED},
+            "claims": {
+                run: perception.claims(greedy_sims[run][i][0], tau) for run in perception.CLAIMED
+            },
         }
+        for kind, completions, sims in (
+            ("greedy", greedy, greedy_sims),
+            ("sampled", samples, sampled_sims),
+        ):
+            row[kind] = {}
+            for run in MASKS:
+                pairs = zip(completions[run][i], sims[run][i])
+                row[kind][run] = [perception.describes(text, sim, tau) for text, sim in pairs]
         rows.append(row)
-    result = report.summarize(rows, wheels)
-    # only the synthetic world's records have a scenario
+    return report.summarize(rows, wheels) | breakdown(records, rows, texts, wheels, n_examples)
+
+
+def breakdown(records, rows, texts, wheels, n_examples):
+    """The report's per-scenario metrics (records with a "scenario", as the synthetic world's) and
+    the first records' answers."""
     scenarios = sorted({str(r["scenario"]) for r in records if "scenario" in r})
-    result["per_scenario"] = {}
+    per_scenario = {}
     for scenario in scenarios:
         in_scenario = [row for row, r in zip(rows, records) if str(r.get("scenario")) == scenario]
-        result["per_scenario"][scenario] = report.summarize(in_scenario, wheels)
-    result["examples"] = []
+        per_scenario[scenario] = report.summarize(in_scenario, wheels)
+    examples = []
     for i, record in enumerate(records[:n_examples]):
         completions = {run: texts[run][i] for run in MASKS}
-        result["examples"].append({"id": record.get("id"), "label": record["label"], **completions})
-    return result
+        examples.append({"id": record.get("id"), "label": record["label"], **completions})
+    return {"per_scenario": per_scenario, "examples": examples}
 
 
 # ---------------------------------------------------------------- generation
@@ -101,48 +121,47 @@ def evaluate(
     records,
     matcher,
     batch_size=32,
-    greedy=True,
     max_new_tokens=64,
     theta=0.6,
     tau=0.5,
     frames=4,
     progress=True,
+    samples=4,
     temperature=1.0,
     top_p=1.0,
+    seed=0,
     wheels=None,
 ):
-    """Answer every record under the three inputs (`answer`) and score them (`score`).
+    """Answer every record under the three inputs, greedy and by `samples` sampled completions
+    (`answer`), and score them (`score`).
 
     Under torch.distributed rank 0 scores (only it needs a matcher) and every rank returns the
     same report. `wheels`: see metrics.recognition.load_wheels.
     """
     sampling = dict(
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
+        samples=samples,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
-    texts = answer(policy, processor, records, batch_size, frames, progress, sampling)
+    texts, sampled = answer(policy, processor, records, batch_size, frames, progress, sampling)
     scored = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        scored = [score(records, texts, matcher, theta, tau, wheels)]
+        scored = [score(records, texts, matcher, theta, tau, wheels, samples=sampled)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(scored, src=0)
     result = scored[0]
-    result["settings"] = {
-        "n": len(records),
-        "greedy": greedy,
-        "temperature": temperature,
-        "top_p": top_p,
-        "theta": theta,
-        "tau": tau,
-        "max_new_tokens": max_new_tokens,
-        "frames": frames,
-        "wheels": len(wheels or []),
-    }
+    settings = dict(n=len(records), theta=theta, tau=tau, frames=frames, wheels=len(wheels or []))
+    result["settings"] = settings | sampling
     return result
 
 
 def answer(policy, processor, records, batch_size, frames, progress, sampling):
-    """{run: one completion per record} for the runs of MASKS (rollout.generate, G = 1; sampling:
-    its temperature, top_p, max_new_tokens and greedy).
+    """({run: the greedy completion of each record}, {run: its `samples` sampled completions}
+    or None when samples is 0) for the runs of MASKS. sampling: samples, temperature, top_p,
+    max_new_tokens, and the seed of the sampled ones, drawn in a forked random state so that an
+    evaluation never moves a training run's random stream.
 
     Under torch.distributed, rank r answers records[r::world]: every rank makes the same number
     of generate calls (generate is collective under FSDP) and the texts are all-gathered.
@@ -152,37 +171,54 @@ def answer(policy, processor, records, batch_size, frames, progress, sampling):
         rank, world = dist.get_rank(), dist.get_world_size()
     shard = records[rank::world]
     steps = math.ceil(len(records) / (world * batch_size))
-    texts = {run: [] for run in MASKS}
+    answers = {kind: {run: [] for run in MASKS} for kind in ("greedy", "sampled")}
     param = next(policy.parameters())
+    devices = [param.device] if param.device.type == "cuda" else []
     with parallel.unsharded(policy), rollout.sampling_mode(policy):
-        for step in tqdm(range(steps), desc="eval", disable=not progress or rank != 0):
-            batch_records = shard[step * batch_size : (step + 1) * batch_size]
-            answered = len(batch_records)
-            # a rank out of records still joins the collective generate, on a stand-in record
-            if not batch_records:
-                batch_records = records[:1]
-            # the processed batch, CPU tensors
-            batch = batching.encode(processor, batch_records, frames=frames)
-            for run, modality in MASKS.items():
-                if modality is None:
-                    inputs = to_policy(batch, param)
-                else:
-                    masked = batching.mask_modality(batch, modality, rho=1.0, seed=0)
-                    inputs = to_policy(masked, param)
-                video = scoring.encode_video(policy, inputs)
-                # G = 1: one row a record
-                prompts = scoring.expand(inputs, 1, video)
-                _, _, completions = rollout.generate(policy, processor, prompts, **sampling)
-                texts[run] += completions[:answered]
-    if world == 1:
-        return texts
-    parts = [None] * world
-    dist.all_gather_object(parts, texts)
-    # record i was the (i // world)-th answer of rank i % world
-    gathered = {}
-    for run in MASKS:
-        gathered[run] = [parts[i % world][run][i // world] for i in range(len(records))]
-    return gathered
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling["seed"])
+            for step in tqdm(range(steps), desc="eval", disable=not progress or rank != 0):
+                batch_records = shard[step * batch_size : (step + 1) * batch_size]
+                answered = len(batch_records)
+                # a rank out of records still joins the collective generate, on a stand-in record
+                batch = batching.encode(processor, batch_records or records[:1], frames=frames)
+                for run, modality in MASKS.items():
+                    inputs = batch
+                    if modality is not None:
+                        inputs = batching.mask_modality(batch, modality, rho=1.0, seed=0)
+                    completions = answer_batch(
+                        policy, processor, to_policy(inputs, param), sampling
+                    )
+                    for kind, texts in completions.items():
+                        answers[kind][run] += texts[:answered]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, answers)
+        # record i was the (i // world)-th answer of rank i % world
+        for kind, runs in answers.items():
+            for run in runs:
+                runs[run] = [parts[i % world][kind][run][i // world] for i in range(len(records))]
+    return answers["greedy"], answers["sampled"] if sampling["samples"] else None
+
+
+def answer_batch(policy, processor, inputs, sampling):
+    """{"greedy": one completion per record, "sampled": K of them per record (empty lists when
+    K = 0)} of a processed batch on the policy's device."""
+    video = scoring.encode_video(policy, inputs)
+    K = sampling["samples"]
+    generate = dict(max_new_tokens=sampling["max_new_tokens"])
+    # G = 1: one row a record
+    _, _, greedy = rollout.generate(
+        policy, processor, scoring.expand(inputs, 1, video), greedy=True, **generate
+    )
+    sampled = [[] for _ in greedy]
+    if K:
+        generate.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
+        # K rows a record, record b's rows b * K to b * K + K - 1
+        rows = scoring.expand(inputs, K, video, scoring.encode_audio(policy, inputs))
+        _, _, texts = rollout.generate(policy, processor, rows, **generate)
+        sampled = [texts[b * K : (b + 1) * K] for b in range(len(greedy))]
+    return {"greedy": greedy, "sampled": sampled}
 
 
 # ---------------------------------------------------------------- command line
@@ -199,9 +235,16 @@ class Args:
     theta: float = field(default=0.6, metadata={"help": "cosine at which a cue is recovered"})
     tau: float = field(default=0.5, metadata={"help": "similarity routing a claim, Eq. (9)"})
     frames: int = field(default=4, metadata={"help": "video frames per clip"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (--sample)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling's p (--sample)"})
-    sample: bool = field(default=False, metadata={"help": "sample (--temperature, --top_p)"})
+    samples: int = field(
+        default=4,
+        metadata={
+            "help": "K, completions sampled per record and input beside the greedy one, for the "
+            "faithfulness metrics (docs/method.md, section 7); 0: greedy only"
+        },
+    )
+    temperature: float = field(default=1.0, metadata={"help": "the samples' temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "the samples' nucleus p"})
+    seed: int = field(default=0, metadata={"help": "the samples' random seed"})
     wheels: str | None = field(
         default=None, metadata={"help": "directory of emotion-wheel files (metrics/recognition.py)"}
     )
@@ -234,7 +277,8 @@ def evaluate_model(args):
         records,
         Matcher(args.embedder),
         batch_size=args.batch_size,
-        greedy=not args.sample,
+        samples=args.samples,
+        seed=args.seed,
         max_new_tokens=args.max_new_tokens,
         theta=args.theta,
         tau=args.tau,

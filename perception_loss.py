@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from corpora import decompose
 from matching import alignment
 
 MODALITIES = ("visual", "acoustic")
@@ -63,6 +64,21 @@ def route_clauses(S_visual, S_acoustic, tau: float = 0.5) -> list:
     return routes
 
 
+# Eq. (9), the openers
+def route_openers(text, spans, routes):
+    """The routes with each neutral clause that opens a modality's section ("In the video",
+    "In the audio": a clause of its own, which matches no cue) routed to that modality: the
+    decision to open a sentence about m is part of e^m. spans: the clauses' character spans in
+    `text`; routes: route_clauses' output."""
+    out = []
+    for (start, end), route in zip(spans, routes):
+        lead = decompose.lead_in(text[start:end])
+        if route is None and lead in MODALITIES:
+            route = lead
+        out.append(route)
+    return out
+
+
 def _overlaps(token_spans: Tensor, clause_spans: Tensor) -> Tensor:
     """(T,) bool: which of T token spans [start, end) overlap any of K clause spans."""
     token_start = token_spans[:, None, 0]  # (T, 1)
@@ -83,7 +99,8 @@ def evidence_masks(
     tokenizer, completion_ids: Tensor, mask: Tensor, sims, tau: float = 0.5, texts=None
 ):
     """Token masks e^v, e^a (N, C) float: 1 where a token's characters overlap a clause routed
-    to that modality, 0 elsewhere and on padding.
+    to that modality (route_clauses, its section openers included: route_openers), 0 elsewhere
+    and on padding.
 
     completion_ids (N, C) generated ids; mask (N, C) marks the ids that were decoded (with
     skip_special_tokens=True) into completion i; sims[i] has `.spans` (clause character spans
@@ -106,15 +123,17 @@ def evidence_masks(
                 f"perception_loss.evidence_masks: sims[{i}] has {len(sim.spans)} clause spans "
                 f"but {len(routes)} rows in S"
             )
-        # no evidence clause: skip the decode
-        if not any(routes):
-            continue
         positions = mask[i].bool().nonzero().squeeze(1)  # (T,)
         ids = completion_ids[i, positions].tolist()
-        if texts is not None and tokenizer.decode(ids, skip_special_tokens=True) != texts[i]:
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if texts is not None and text != texts[i]:
             raise ValueError(
                 f"perception_loss.evidence_masks: completion {i} does not decode to texts[{i}]"
             )
+        routes = route_openers(text, sim.spans, routes)
+        # no evidence clause: no alignment needed
+        if not any(routes):
+            continue
         char_spans = alignment.token_char_spans(tokenizer, ids)
         token_spans = torch.tensor(char_spans, dtype=torch.long).view(-1, 2)  # (T, 2)
         for m in MODALITIES:

@@ -56,7 +56,7 @@ def extract_answer(text):
     return last
 
 
-def _think_bounds(text):
+def think_bounds(text):
     """(start, end) character offsets of the think section's content, or None."""
     if not isinstance(text, str):
         return None
@@ -72,7 +72,7 @@ def _think_bounds(text):
 
 def think_text(text):
     """Stripped content of the think section ("" if there is none); never raises."""
-    bounds = _think_bounds(text)
+    bounds = think_bounds(text)
     if bounds is None:
         return ""
     start, end = bounds
@@ -165,7 +165,7 @@ def accuracy_reward(answer, label, wheel=None):
 def clause_spans(completion):
     """Character spans (start, end) into `completion` of the whitespace-trimmed clauses of its
     think section; completion[start:end] is the clause text."""
-    bounds = _think_bounds(completion)
+    bounds = think_bounds(completion)
     if bounds is None:
         return []
     think_start, think_end = bounds

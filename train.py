@@ -226,6 +226,10 @@ def report_on(args, policy, processor, records, matcher, progress=True):
         tau=args.tau,
         frames=args.frames,
         progress=progress,
+        samples=args.eval_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
     )
 
 

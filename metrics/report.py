@@ -30,6 +30,8 @@ KEYS = (
     "F_visual",
     "F_acoustic",
     "F",
+    "F_absent_visual",
+    "F_absent_acoustic",
 )
 
 
@@ -71,14 +73,18 @@ def summarize(rows, wheels=None):
         counts[f"U_{sense}"] = len(shares)
     for run, sense in perception.CLAIMED.items():
         run_claims = [r["claims"][run] for r in rows]
+        # the earlier pooled share of claims, greedy answers only
         chair_rate, faithfulness, chair_s = perception.chair(run_claims, sense)
         scores[f"CHAIR_{sense}"] = chair_rate
-        scores[f"F_{sense}"] = faithfulness
+        scores[f"F_pooled_{sense}"] = faithfulness
         scores[f"CHAIR_s_{sense}"] = chair_s
         counts[f"claims_{run}"] = {s: sum(c[s] for c in run_claims) for s in perception.SENSES}
+    faithful, pairs, notes = perception.faithfulness_scores(rows)
+    scores.update(faithful)
+    counts.update(pairs)
     scores["U"] = recognition.mean([scores["U_visual"], scores["U_acoustic"]])
     scores["F"] = recognition.mean([scores["F_visual"], scores["F_acoustic"]])
-    return {"metrics": scores, "counts": counts, "recall": recognized["recall"]}
+    return {"metrics": scores, "counts": counts, "recall": recognized["recall"], "notes": notes}
 
 
 def summary(report):
@@ -138,13 +144,17 @@ def cell(value):
 
 
 def table(*reports, names=None):
-    """Markdown table of the headline metrics, one column per report."""
+    """Markdown table of the headline metrics, one column per report, then each report's notes
+    on what it could not measure."""
     names = names or [f"report {i}" for i in range(len(reports))]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     summaries = [summary(r) for r in reports]
     for key in KEYS:
         cells = [cell(s[key]) for s in summaries]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for name, r in zip(names, reports):
+        for note in r.get("notes", []):
+            lines.append(f"{name}: {note}")
     return "\n".join(lines)
 
 

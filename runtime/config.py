@@ -214,6 +214,13 @@ class Args:
         default=0,
         metadata={"help": "steps between validation evaluations (0: only at the end)"},
     )
+    eval_samples: int = field(
+        default=4,
+        metadata={
+            "help": "K, completions the evaluation samples per clip and input (at --temperature) "
+            "beside the greedy one, for faithfulness (docs/method.md, section 7); 0: greedy only"
+        },
+    )
     eval_limit: int = field(
         default=200, metadata={"help": "validation/test clips evaluated (0: all)"}
     )
@@ -245,8 +252,8 @@ class Args:
         metadata={
             "help": "--resume refuses arguments that differ from <out>/<stage>/args.json; this "
             "accepts them (printed, logged; more steps continue a finished stage). Exempt: out "
-            "resume stages profile val_data test_data eval_every eval_limit theta save_every "
-            "max_bad_records micro_batch activation_checkpointing cache_inputs"
+            "resume stages profile val_data test_data eval_every eval_limit eval_samples theta "
+            "save_every max_bad_records micro_batch activation_checkpointing cache_inputs"
         },
     )
 

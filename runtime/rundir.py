@@ -35,6 +35,7 @@ EXEMPT = {
     "test_data",
     "eval_every",
     "eval_limit",
+    "eval_samples",
     "theta",
     "save_every",
     "micro_batch",

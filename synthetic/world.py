@@ -15,21 +15,22 @@ narrowed, a nod or a head shake; the pitch rising or falling at the end). A deta
 known from its own modality, so stating it is perception and stating it without that modality
 is a hallucination that can be counted exactly.
 
-Scenarios (`MIX`, set proportions per split):
-  both 50%       face and voice expressive, an emotion-free subtitle (10% of them empty);
-  face_only 12.5%  the voice is a flat monotone hum or the audio file is absent;
-  voice_only 12.5% the video file is absent;
-  blank 15%      one modality present but empty: black video, the face removed (background and
-                 noise only), or background noise instead of a voice;
-  subtitle 10%   both expressive and the subtitle states the emotion outright.
-When a modality carries nothing, the subtitle gives the missing half (valence or arousal) in
-words, so every label is determined by the whole input and every modality matters. Cue lists
-and reasoning mention exactly what was rendered: nothing about an empty or absent modality.
+Scenarios (synthetic/plan.py's SCENARIOS and MIX, exact proportions per split): both modalities
+expressive (45%); the face with a flat monotone hum or with no audio file; the voice with no
+video file, a black video or a video with the face removed; the face with background noise
+instead of a voice. Two absence kinds, the face removed and the noise, never appear in the
+training split (HELD_OUT): the test asks whether faithfulness generalises to an absence the
+model never saw. The subtitle's kind (an emotion-free line, none, a line giving the arousal, the
+valence or the emotion itself) is drawn at the same rates in every scenario, so the subtitle
+says nothing about which modality carries cues; a label is then not always determined by the
+input (a clip without a face and with no valence in its subtitle). Cue lists and reasoning
+mention exactly what was rendered: nothing about an empty or absent modality, a text cue when
+the subtitle carries one.
 
 Writes video/*.mp4, audio/*.wav (16 kHz), cache/*.safetensors (decoded frames and waveform, so
 training never redraws or re-decodes), {train,val,test}.jsonl and world.json; same seed, same
-bytes. The faces, voices and mp4 files are drawn by synthetic/render.py,
-what each clip shows and says is planned by synthetic/plan.py.
+bytes. The faces, voices and mp4 files are drawn by synthetic/render.py, what each clip shows
+and says is planned by synthetic/plan.py.
 
     python -m synthetic.world --out runs/synth        # 2000 / 200 / 200 clips
 """
@@ -47,22 +48,21 @@ import soundfile as sf
 from safetensors.torch import save_file
 from transformers import HfArgumentParser
 
-from synthetic.plan import AROUSAL, LABELS, MIX, VALENCE, plan
+from synthetic.plan import AROUSAL, HELD_OUT, MIX, SPLITS, VALENCE, plan, plans, split_mix
 from synthetic.render import SR, draw_face, synth_voice, write_mp4
 from thinker import media
 
-SPLITS = ("train", "val", "test")
 # where `python train.py` builds the default world
 WORLD_DIR = "runs/synth"
-VERSION = 1
+VERSION = 2
 
 
 def make_clip(job):
     """Render, write and cache one clip; return its manifest record."""
-    out, split, i, label, scenario, seed, frames, size, seconds, detail_p = job
+    out, split, i, (scenario, kind, label), seed, frames, size, seconds, detail_p = job
     # one generator per clip: the files do not depend on the order or process making them
     rng = np.random.default_rng([seed, SPLITS.index(split), i])
-    clip = plan(rng, label, scenario, detail_p)
+    clip = plan(rng, label, scenario, kind, detail_p)
     cid = f"{split}_{i:05d}"
     rec = {"id": cid}
     cache = {}
@@ -93,25 +93,11 @@ def make_clip(job):
         reasoning=clip["reasoning"],
         cues=clip["cues"],
         scenario=scenario,
+        subtitle_kind=kind,
         render=render,
         cache=f"cache/{cid}.safetensors",
     )
     return rec
-
-
-def assign(n, mix, rng):
-    """Exact scenario counts (largest remainder), labels balanced within each scenario, shuffled:
-    n (scenario, label) pairs."""
-    names = list(mix)
-    share = np.array([mix[s] for s in names], float) * n / sum(mix.values())
-    counts = np.floor(share).astype(int)
-    # the clips that flooring leaves over go to the largest remainders, ties to the first
-    largest_remainders = np.argsort(counts - share, kind="stable")
-    counts[largest_remainders[: n - counts.sum()]] += 1
-    scenarios = np.repeat(names, counts)
-    pairs = [(str(s), LABELS[j % len(LABELS)]) for j, s in enumerate(scenarios)]
-    order = rng.permutation(n)
-    return [pairs[j] for j in order]
 
 
 def make_world(
@@ -125,12 +111,20 @@ def make_world(
     seconds=2.0,
     mix=None,
     detail_p=0.5,
+    held_out=HELD_OUT,
     workers=None,
 ):
-    """Generate the world into out_dir; returns {split: manifest path}."""
+    """Generate the world into out_dir; returns {split: manifest path}. mix: the validation and
+    test splits' scenario shares; the training split leaves the `held_out` scenarios out."""
     mix = dict(MIX if mix is None else mix)
+    held_out = list(held_out)
     if set(mix) - set(MIX) or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
         raise ValueError(f"mix must map scenarios {list(MIX)} to non-negative shares, got {mix}")
+    if set(held_out) - set(mix) or not sum(split_mix(mix, "train", held_out).values()) > 0:
+        raise ValueError(
+            f"held_out {held_out} must name scenarios of the mix {list(mix)} and leave the "
+            "training split some"
+        )
     if size < 28 or size % 2 or frames < 1 or seconds <= 0 or not 0 <= detail_p <= 1:
         raise ValueError(
             f"need even size >= 28, frames >= 1, seconds > 0, 0 <= detail_p <= 1; got "
@@ -142,10 +136,8 @@ def make_world(
     sizes = dict(zip(SPLITS, (n_train, n_val, n_test)))
     jobs = []
     for split, n in sizes.items():
-        # a split's plan draws from [seed, 3..5, 0], its clips from [seed, 0..2, i]
-        plan_rng = np.random.default_rng([seed, 3 + SPLITS.index(split), 0])
-        for i, (scenario, label) in enumerate(assign(n, mix, plan_rng)):
-            jobs.append((out, split, i, label, scenario, seed, frames, size, seconds, detail_p))
+        for i, triple in enumerate(plans(split, n, seed, mix, held_out)):
+            jobs.append((out, split, i, triple, seed, frames, size, seconds, detail_p))
     if not workers:
         # a pool only pays off for hundreds of clips
         workers = min(2, len(jobs) // 200 + 1)
@@ -168,6 +160,7 @@ def make_world(
         seconds=seconds,
         mix=mix,
         detail_p=detail_p,
+        held_out=held_out,
     )
     (out / "world.json").write_text(json.dumps(dict(version=VERSION, **knobs), indent=1) + "\n")
     return paths
@@ -184,12 +177,15 @@ DEFAULTS = dict(
     seconds=2.0,
     mix=MIX,
     detail_p=0.5,
+    held_out=list(HELD_OUT),
 )
 
 
 def ensure_world(out_dir="runs/synth", **knobs):
     """The world in out_dir, generated only when absent or made with other knobs (DEFAULTS)."""
     knobs = {**DEFAULTS, **knobs}
+    # as world.json records it
+    knobs["held_out"] = list(knobs["held_out"])
     # the process count does not change the files
     recorded = {k: v for k, v in knobs.items() if k != "workers"}
     want = dict(version=VERSION, **recorded)
@@ -226,6 +222,7 @@ class Args:
     seconds: float = arg(2.0, "clip length in seconds")
     mix: str = arg(MIX_TEXT, "scenario shares, name=share pairs joined by commas")
     detail_p: float = arg(0.5, "chance that an expressive modality also shows a label-free detail")
+    held_out: str = arg(",".join(HELD_OUT), "scenarios left out of the training split, by commas")
     workers: int | None = arg(None, "processes; None: 2 for 200+ clips, else 1")
 
 
@@ -248,7 +245,8 @@ def main(argv=None):
     try:
         mix = parse_mix(args.mix)
     except ValueError:
-        parser.error(f"--mix wants name=share pairs like both=0.5,blank=0.5, got {args.mix!r}")
+        parser.error(f"--mix wants name=share pairs like both=0.5,no_video=0.5, got {args.mix!r}")
+    held_out = [name.strip() for name in args.held_out.split(",") if name.strip()]
     start = time.perf_counter()
     paths = make_world(
         args.out,
@@ -261,6 +259,7 @@ def main(argv=None):
         seconds=args.seconds,
         mix=mix,
         detail_p=args.detail_p,
+        held_out=held_out,
         workers=args.workers,
     )
     elapsed = time.perf_counter() - start

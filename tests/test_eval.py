@@ -10,7 +10,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
-from matching.matcher import Matcher  # noqa: E402
+import reward  # noqa: E402
+from matching.matcher import Matcher, Sim  # noqa: E402
 from metrics import perception  # noqa: E402
 from metrics import recognition as metrics  # noqa: E402
 from metrics import report as R  # noqa: E402
@@ -130,12 +131,13 @@ def test_recovered_share_and_chair():
     assert perception.chair([{"visual": 0, "acoustic": 0}], "visual") == (0.0, 1.0, 0.0)
 
 
-def world_records(n, scenarios=("both", "face_only", "voice_only", "subtitle"), detail_p=0.5):
+def world_records(n, scenarios=("both", "flat_voice", "no_video", "black_video"), detail_p=0.5):
     """Synthetic records straight from synthetic.plan (no rendering): labels, reasoning and cues."""
     rng, recs = np.random.default_rng(0), []
+    kinds = list(plan.SUBTITLE_MIX)
     for i in range(n):
         label, scenario = plan.LABELS[i % 6], scenarios[i % len(scenarios)]
-        p = plan.plan(rng, label, scenario, detail_p)
+        p = plan.plan(rng, label, scenario, kinds[i % len(kinds)], detail_p)
         recs.append(
             {
                 "id": f"r{i}",
@@ -162,6 +164,70 @@ def completion(rec, visual=True, acoustic=True):
     return f"<think>{' '.join(p for p in parts if p)}</think><answer>{rec['label']}</answer>"
 
 
+class StubSims:
+    """matcher.Sim stand-ins that route no clause (all similarities 0): `describes` then rests on
+    lead-ins and face or voice words alone."""
+
+    def similarities(self, completions, cue_lists):
+        out = []
+        for text in completions:
+            spans = reward.clause_spans(text)
+            zeros = torch.zeros(len(spans), 1)
+            out.append(Sim(spans, {"visual": zeros, "acoustic": zeros, "emotion": zeros}))
+        return out
+
+
+def test_describes_counts_sentences_about_a_modality_whatever_their_wording():
+    stub = StubSims()
+    cases = {
+        "<think>In the video, something is there.</think><answer>sad</answer>": (True, False),
+        # reworded: no lead-in, but the face's words
+        "<think>The lips bend upward a little.</think><answer>happy</answer>": (True, False),
+        "<think>Her tone rises. The person feels calm.</think><answer>calm</answer>": (False, True),
+        "<think>The person feels sad.</think><answer>sad</answer>": (False, False),
+        "<think>In the audio, loud. In the video, a frown.</think><answer>a</answer>": (True, True),
+        "no think section": (False, False),
+    }
+    for text, (visual, acoustic) in cases.items():
+        (sim,) = stub.similarities([text], [{}])
+        assert perception.describes(text, sim, 0.5) == {"visual": visual, "acoustic": acoustic}
+    # and a clause that Eq. (9) routes, in words of neither list
+    text = "<think>Something odd happens.</think><answer>sad</answer>"
+    (sim,) = stub.similarities([text], [{}])
+    sim.S["visual"] = torch.tensor([[0.9]])
+    assert perception.describes(text, sim, 0.5) == {"visual": True, "acoustic": False}
+
+
+def test_faithfulness_per_clip_from_samples_by_hand():
+    """Two clips with visual cues (K = 2 samples each under x\\v) and one without (under x):
+    F_visual is the share of (clip, sample) pairs without a visual sentence, F_absent_visual
+    the same on the full-input samples of the clip without visual cues."""
+    recs = [
+        {"label": "happy", "cues": {"visual": ["a smile"], "acoustic": ["a loud voice"]}},
+        {"label": "sad", "cues": {"visual": ["a frown"], "acoustic": []}},
+        {"label": "angry", "cues": {"visual": [], "acoustic": ["a loud voice"]}},
+    ]
+    video = "<think>In the video, the mouth moves.</think><answer>x</answer>"
+    audio = "<think>In the audio, the voice is loud.</think><answer>x</answer>"
+    plain = "<think>The person feels it.</think><answer>x</answer>"
+    texts = {"full": [video, video, audio], "no_video": [plain] * 3, "no_audio": [plain] * 3}
+    samples = {
+        "full": [[video, video], [video, plain], [video, audio]],
+        "no_video": [[video, plain], [plain, plain], [plain, plain]],
+        "no_audio": [[plain, plain], [plain, audio], [audio, audio]],
+    }
+    report = E.score(recs, texts, StubSims(), samples=samples)
+    m, c = report["metrics"], report["counts"]
+    assert m["F_visual"] == pytest.approx(3 / 4) and c["F_visual"] == 4
+    assert m["F_visual_greedy"] == 1.0
+    assert m["F_absent_visual"] == pytest.approx(1 / 2) and c["F_absent_visual"] == 2
+    assert m["described_visual"] == pytest.approx(3 / 4)
+    # acoustic cues on clips 0 and 2; clip 1 has none
+    assert m["F_acoustic"] == pytest.approx(2 / 4)
+    assert m["F_absent_acoustic"] == 1.0 and m["described_acoustic"] == pytest.approx(1 / 4)
+    assert m["F"] == pytest.approx((3 / 4 + 2 / 4) / 2)
+
+
 def test_perfect_run_scores_one(matcher):
     recs = world_records(12)
     texts = {
@@ -186,8 +252,13 @@ def test_perfect_run_scores_one(matcher):
         "F_visual",
         "F_acoustic",
         "F",
+        "F_absent_visual",
+        "F_absent_acoustic",
+        "F_pooled_visual",
+        "F_pooled_acoustic",
     ):
         assert m[k] == pytest.approx(1.0), k
+    assert report["notes"] == []
     assert (
         m["CHAIR_visual"]
         == m["CHAIR_acoustic"]
@@ -195,10 +266,12 @@ def test_perfect_run_scores_one(matcher):
         == m["CHAIR_s_acoustic"]
         == 0.0
     )
-    # voice_only / face_only records have no such cues
-    assert c["U_visual"] == 9 and c["U_acoustic"] == 9
+    # no_video / black_video records have no visual cues, flat_voice ones no acoustic cues
+    assert c["U_visual"] == 6 and c["U_acoustic"] == 9
+    # without samples, the greedy answer is each clip's one completion
+    assert c["F_visual"] == 6 and c["F_absent_visual"] == 6 and c["F_absent_acoustic"] == 3
     assert c["claims_no_video"]["visual"] == 0 and c["claims_no_video"]["acoustic"] > 0
-    assert set(report["per_scenario"]) == {"both", "face_only", "voice_only", "subtitle"}
+    assert set(report["per_scenario"]) == {"both", "flat_voice", "no_video", "black_video"}
     assert report["per_scenario"]["both"]["counts"]["n"] == 3
     assert len(report["examples"]) == 3 and report["examples"][0]["full"] == texts["full"][0]
     json.dumps(report)  # serialisable as it is
@@ -208,11 +281,14 @@ def test_reciting_both_modalities_is_unfaithful(matcher):
     recs = world_records(6, scenarios=("both",), detail_p=0.0)  # 2 visual + 2 acoustic cues each
     recite = [completion(r) for r in recs]
     m = E.score(recs, {"full": recite, "no_video": recite, "no_audio": recite}, matcher)["metrics"]
-    # Half of all sensory claims are about the masked modality: CHAIR = 1/2 (docs/method.md,
-    # section 7), and every sample makes a claim about it: the sample-level CHAIR_s = 1, i.e.
-    # faithfulness 0
+    # Every clip describes the masked modality: per-clip faithfulness 0 (docs/method.md, section
+    # 7); half of all sensory claims are about it: the pooled CHAIR = 1/2, and every sample
+    # makes a claim about it: the sample-level CHAIR_s = 1
     assert m["U"] == pytest.approx(1.0)
-    assert m["F_visual"] == pytest.approx(0.5) and m["F_acoustic"] == pytest.approx(0.5)
+    assert m["F_visual"] == 0.0 and m["F_acoustic"] == 0.0
+    assert m["F_pooled_visual"] == pytest.approx(0.5) and m["F_pooled_acoustic"] == pytest.approx(
+        0.5
+    )
     assert m["CHAIR_s_visual"] == m["CHAIR_s_acoustic"] == 1.0
     # Reciting only what is masked (claims about exactly what cannot be perceived) scores 0
     only_v, only_a = (
@@ -225,9 +301,13 @@ def test_reciting_both_modalities_is_unfaithful(matcher):
         and m["F_acoustic"] == pytest.approx(0.0)
         and m["F"] == 0.0
     )
-    # No reasoning at all: utilization 0, no claims (CHAIR 0 by definition), answers unparseable
-    m = E.score(recs, {run: [""] * 6 for run in E.MASKS}, matcher)["metrics"]
+    # No reasoning at all: utilization 0, no claims (CHAIR 0 by definition), answers unparseable,
+    # and faithfulness not measured (not 1.000): nothing was ever described
+    report = E.score(recs, {run: [""] * 6 for run in E.MASKS}, matcher)
+    m = report["metrics"]
     assert (m["U"], m["war"], m["format"], m["CHAIR_visual"]) == (0.0, 0.0, 0.0, 0.0)
+    assert m["F_visual"] is None and m["F_absent_acoustic"] is None and m["F"] is None
+    assert len(report["notes"]) == 4 and "never describe the visual" in report["notes"][0]
     with pytest.raises(ValueError, match="no_audio"):
         E.score(recs, {"full": recite, "no_video": recite}, matcher)
 
@@ -245,7 +325,9 @@ def test_compare_and_plot(tmp_path, matcher, capsys):
         ["--compare", str(tmp_path / "base.json"), str(tmp_path / "ours.json"), "--plot", str(png)]
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "| metric | base | ours |" and len(out) == 2 + len(R.KEYS)
+    assert out[0] == "| metric | base | ours |"
+    # the table, then the notes of the run that never describes a modality
+    assert len(out) == 2 + len(R.KEYS) + 4 and out[-1].startswith("base: F_acoustic_greedy")
     assert "| war | 0.167 | 1.000 |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "broken.json").write_text("{not json")
@@ -275,12 +357,13 @@ def test_cli_on_tiny_model(tmp_path, capsys):
             "12",
             "--batch-size",
             "2",
+            "--samples",
+            "2",
         ]
     )
     report = R.load(out)
-    assert (
-        report["counts"]["n"] == 5 and report["settings"]["n"] == 5 and report["settings"]["greedy"]
-    )
+    assert report["counts"]["n"] == 5 and report["settings"]["n"] == 5
+    assert report["settings"]["samples"] == 2
     assert set(R.KEYS) <= set(report["metrics"])
     assert all(0.0 <= v <= 1.0 for v in R.summary(report).values() if v is not None)
     assert len(report["examples"]) == 3 and all(

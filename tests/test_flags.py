@@ -73,9 +73,11 @@ def test_tau_sets_the_evidence_tokens_of_a_step(setup):
     for tau in (0.5, 0.65, 0.75):
         evidence = train.find_evidence(replace(args, tau=tau), policy, processor, roll, sims, 0)
         counts[tau] = (int(evidence.visual.sum()), int(evidence.acoustic.sum()))
-    assert counts[0.5][0] > 0 and counts[0.5][1] > 0
-    assert counts[0.65] == (counts[0.5][0], 0)
-    assert counts[0.75] == (0, 0)
+    # the openers "In the video" and "In the audio" are evidence whatever tau (route_openers);
+    # the clauses that state the cues only above it
+    visual, acoustic = zip(*(counts[tau] for tau in (0.5, 0.65, 0.75)))
+    assert visual[0] == visual[1] > visual[2] > 0
+    assert acoustic[0] > acoustic[1] == acoustic[2] > 0
 
 
 def test_rho_sets_the_masked_inputs_of_the_masked_passes(setup):

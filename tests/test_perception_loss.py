@@ -123,6 +123,38 @@ def test_evidence_masks_multibyte_clause(tokenizer):
     assert not e_a.any()
 
 
+def test_openers_are_evidence_of_their_modality():
+    """route_openers: a neutral clause that opens the video's or the audio's section is routed to
+    that modality; the text's opener, a clause routed already and other neutral ones stay."""
+    text = "In the video, a smile. In the audio, calm. In the text, nothing. It is clear"
+    spans = [(0, 12), (14, 21), (23, 35), (37, 41), (43, 54), (56, 63), (65, 76)]
+    clauses = [text[a:b] for a, b in spans]
+    assert clauses[0] == "In the video" and clauses[4] == "In the text"
+    routes = [None, "visual", None, None, None, None, None]
+    assert P.route_openers(text, spans, routes) == [
+        "visual",
+        "visual",
+        "acoustic",
+        None,
+        None,
+        None,
+        None,
+    ]
+    # an opener already routed by Eq. (9) keeps its route
+    assert P.route_openers(text, spans[:1], ["acoustic"]) == ["acoustic"]
+
+
+def test_evidence_masks_take_the_opener_with_its_clause(tokenizer):
+    text = "In the audio, the voice is raised"
+    ids = tokenizer.encode(text)
+    clauses = sim([(0, 12), (14, len(text))], [0.1, 0.1], [0.1, 0.9])
+    e_v, e_a = P.evidence_masks(tokenizer, torch.tensor([ids]), torch.ones(1, len(ids)), [clauses])
+    char_sets, _ = naive_char_sets(tokenizer, ids)
+    # every token but the comma's and its space's
+    want = [float(bool(cs & (set(range(0, 12)) | set(range(14, len(text)))))) for cs in char_sets]
+    assert e_a[0].tolist() == want and not e_v.any()
+
+
 # ---- Eq. (10)
 
 

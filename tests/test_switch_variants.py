@@ -51,7 +51,8 @@ def test_switch_variants_parse_as_train_py_flags():
     assert parsed["OPPO+MG"].masked_grad and not parsed["OPPO"].masked_grad
     assert parsed["OPPO+MR"].masked_rollouts == 4 and parsed["OPPO"].masked_rollouts == 0
     assert parsed["OPPO+MR"].perception_loss and parsed["OPPO+MR"].perception_reward
-    assert study.Args().variants.split(",") == ["GRPO", "OPPO", "OPPO+MG", "OPPO+MR"]
+    assert parsed["OPPO-rho1"].rho == 1.0 and parsed["OPPO"].rho == config.Args().rho
+    assert study.Args().variants.split(",") == ["GRPO", "OPPO", "OPPO+MG"]
     assert {"GRPO+OPR", "GRPO+OPL"} <= set(study.VARIANTS)
 
 

@@ -71,35 +71,82 @@ def test_scenario_proportions_and_label_balance(synth_world):
     for split, n in (("train", N_TRAIN), ("val", N_VAL), ("test", N_TEST)):
         recs = records[split]
         assert len(recs) == n
+        mix = synth_plan.split_mix(synth_plan.MIX, split, synth_plan.HELD_OUT)
         scenarios = [r["scenario"] for r in recs]
-        counts = {s: scenarios.count(s) for s in synth_plan.MIX}
-        for s, share in synth_plan.MIX.items():
-            assert abs(counts[s] - share * n) < 1, (split, counts)
+        for s in synth_plan.SCENARIOS:
+            share = mix.get(s, 0) / sum(mix.values())
+            assert abs(scenarios.count(s) - share * n) < 1, (split, s)
         # labels balanced within each scenario
-        for s in synth_plan.MIX:
+        for s in mix:
             labels = [r["label"] for r in recs if r["scenario"] == s]
             per = [labels.count(lab) for lab in synth_plan.LABELS]
             assert max(per) - min(per) <= 1, (split, s, per)
+    # the held-out absence kinds never reach the training split
+    assert not {r["scenario"] for r in records["train"]} & set(synth_plan.HELD_OUT)
+
+
+def test_subtitle_kinds_have_the_same_rates_in_every_scenario():
+    """Exact counts: within each scenario the subtitle kinds follow SUBTITLE_MIX up to rounding,
+    whatever the modalities show."""
+    triples = synth_plan.plans("train", 2000)
+    for scenario in {s for s, _, _ in triples}:
+        kinds = [k for s, k, _ in triples if s == scenario]
+        for kind, share in synth_plan.SUBTITLE_MIX.items():
+            assert abs(kinds.count(kind) - share * len(kinds)) < 1, (scenario, kind)
+
+
+def planned_records(split, n, seed=0):
+    """The records make_world would write for a split, without rendering any media."""
+    records = []
+    for i, (scenario, kind, label) in enumerate(synth_plan.plans(split, n, seed)):
+        rng = np.random.default_rng([seed, synth_plan.SPLITS.index(split), i])
+        records.append(synth_plan.plan(rng, label, scenario, kind))
+    return records
+
+
+def naive_bayes(train_x, train_y, test_x):
+    """Multinomial naive Bayes on word counts, add-one smoothing: a prediction per test text."""
+    classes = sorted(set(train_y))
+    counts = {c: {} for c in classes}
+    for text, y in zip(train_x, train_y):
+        for word in text.lower().split():
+            counts[y][word] = counts[y].get(word, 0) + 1
+    vocabulary = {w for c in classes for w in counts[c]}
+    predictions = []
+    for text in test_x:
+        scores = {}
+        for c in classes:
+            total = sum(counts[c].values()) + len(vocabulary)
+            prior = np.log(train_y.count(c) / len(train_y))
+            words = text.lower().split()
+            scores[c] = prior + sum(np.log((counts[c].get(w, 0) + 1) / total) for w in words)
+        predictions.append(max(scores, key=scores.get))
+    return predictions
+
+
+@pytest.mark.parametrize("sense", ["visual", "acoustic"])
+def test_the_subtitle_alone_cannot_tell_which_modality_carries_cues(sense):
+    """A classifier trained on the training split's subtitles gains at most 0.03 over the
+    majority class at telling whether a test clip's reference reasoning has cues of a modality."""
+    train = planned_records("train", 2000)
+    test = planned_records("test", 2000)
+    train_y = [bool(r["cues"][sense]) for r in train]
+    test_y = [bool(r["cues"][sense]) for r in test]
+    predicted = naive_bayes([r["subtitle"] for r in train], train_y, [r["subtitle"] for r in test])
+    accuracy = np.mean([p == y for p, y in zip(predicted, test_y)])
+    majority = max(np.mean(test_y), 1 - np.mean(test_y))
+    assert accuracy <= majority + 0.03, (accuracy, majority)
 
 
 def test_every_record_says_exactly_what_was_rendered(synth_world):
     _, records = synth_world
     recs = records["train"] + records["val"]
     for r in recs:
-        render, scen, label = r["render"], r["scenario"], r["label"]
+        render, label = r["render"], r["label"]
         assert ("video" in r) == (render["video"] is not None) and ("audio" in r) == (
             render["audio"] is not None
         )
-        expect_video = {"voice_only": {None}, "blank": {"face", "black", "no_face"}}.get(
-            scen, {"face"}
-        )
-        expect_audio = {"face_only": {"flat", None}, "blank": {"voice", "noise"}}.get(
-            scen, {"voice"}
-        )
-        assert render["video"] in expect_video and render["audio"] in expect_audio, r
-        if scen == "blank":
-            # exactly one blanked
-            assert (render["video"] == "face") != (render["audio"] == "voice")
+        assert (render["video"], render["audio"]) == synth_plan.SCENARIOS[r["scenario"]]
         face, voice = render["video"] == "face", render["audio"] == "voice"
         visual = synth_plan.FACE_CUES[synth_plan.VALENCE[label]] + [
             synth_plan.FACE_DETAILS.get(render["face_detail"])
@@ -108,50 +155,38 @@ def test_every_record_says_exactly_what_was_rendered(synth_world):
             synth_plan.VOICE_DETAILS.get(render["voice_detail"])
         ]
         # a None detail is no detail
-        visual, acoustic = (
-            [c for c in visual if c and face],
-            [c for c in acoustic if c and voice],
-        )
+        visual = [c for c in visual if c and face]
+        acoustic = [c for c in acoustic if c and voice]
         assert r["cues"]["visual"] == visual and r["cues"]["acoustic"] == acoustic
         assert r["cues"]["emotion"][-1] == label
-        assert ("In the video" in r["reasoning"]) == face and (
-            "In the audio" in r["reasoning"]
-        ) == voice
+        assert ("In the video" in r["reasoning"]) == face
+        assert ("In the audio" in r["reasoning"]) == voice
         for cue in visual + acoustic + r["cues"]["emotion"][:-1]:
             assert cue in r["reasoning"]
         assert r["reasoning"].endswith(f"Therefore the person feels {label}.")
-    assert sum(r["subtitle"] == "" for r in recs) > 0  # some empty subtitles
+        # the text cue is cited exactly when the subtitle carries one
+        carries = r["subtitle_kind"] in ("arousal", "valence", "emotion")
+        assert ("In the text" in r["reasoning"]) == carries == (len(r["cues"]["emotion"]) == 2)
+        assert (r["subtitle"] == "") == (r["subtitle_kind"] == "empty")
     with_face = [r for r in recs if r["render"]["video"] == "face"]
     # detail_p = 0.5
     assert 0.25 < np.mean([r["render"]["face_detail"] is not None for r in with_face]) < 0.75
 
 
-def test_the_whole_input_determines_the_label(synth_world):
-    """Valence from the face or the subtitle, arousal from the voice or the subtitle: the label
-    follows."""
+def test_the_subtitle_states_what_its_kind_says(synth_world):
+    """An arousal line gives the label's arousal, a valence line its valence, an emotion line the
+    emotion; a plain line and an empty one nothing."""
     _, records = synth_world
-    table = {(synth_plan.VALENCE[lab], synth_plan.AROUSAL[lab]): lab for lab in synth_plan.LABELS}
-    for r in records["train"]:
-        text_cue = r["cues"]["emotion"][0] if len(r["cues"]["emotion"]) == 2 else None
-        if r["scenario"] == "subtitle":
-            assert r["subtitle"] == synth_plan.EMOTION_TEXT[r["label"]][0]
-            continue
-        valence = next(
-            (v for v, cues in synth_plan.FACE_CUES.items() if cues[0] in r["cues"]["visual"]), None
-        )
-        valence = valence or next(
-            v for v, (lines, cue) in synth_plan.VALENCE_TEXT.items() if cue == text_cue
-        )
-        arousal = next(
-            (a for a, cues in synth_plan.VOICE_CUES.items() if cues[0] in r["cues"]["acoustic"]),
-            None,
-        )
-        arousal = arousal or next(
-            a for a, (lines, cue) in synth_plan.AROUSAL_TEXT.items() if cue == text_cue
-        )
-        assert table[valence, arousal] == r["label"]
-        if r["scenario"] == "both":  # then the subtitle says nothing about emotion
-            assert text_cue is None and r["subtitle"] in synth_plan.NEUTRAL_LINES + [""]
+    for r in records["train"] + records["val"]:
+        kind, label, line = r["subtitle_kind"], r["label"], r["subtitle"]
+        if kind == "arousal":
+            assert line in synth_plan.AROUSAL_TEXT[synth_plan.AROUSAL[label]][0]
+        elif kind == "valence":
+            assert line in synth_plan.VALENCE_TEXT[synth_plan.VALENCE[label]][0]
+        elif kind == "emotion":
+            assert line == synth_plan.EMOTION_TEXT[label][0]
+        elif kind == "plain":
+            assert line in synth_plan.NEUTRAL_LINES
 
 
 def test_ensure_world_reuses_a_matching_world_and_regenerates_otherwise(tmp_path):
@@ -168,6 +203,8 @@ def test_bad_arguments_are_refused(tmp_path):
         world.make_world(tmp_path, 2, 1, 1, size=57)
     with pytest.raises(ValueError, match="mix"):
         world.make_world(tmp_path, 2, 1, 1, mix={"both": 0.5, "dream": 0.5})
+    with pytest.raises(ValueError, match="held_out"):
+        world.make_world(tmp_path, 2, 1, 1, held_out=["both", "dream"])
 
 
 def test_cli_help_names_every_knob(capsys):
@@ -184,5 +221,6 @@ def test_cli_help_names_every_knob(capsys):
         "--seconds",
         "--mix",
         "--detail-p",
+        "--held-out",
     ):
         assert flag in text
