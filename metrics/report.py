@@ -33,17 +33,18 @@ KEYS = (
 )
 
 
-def summarize(rows, wheels=None):
-    """Every metric and count over per-sample rows (built by eval.score)."""
-    labels = [r["label"] for r in rows]
+def summarize(rows, wheels=None, labels=None):
+    """Every metric and count over per-sample rows (built by eval.score); `labels`: the label
+    space every answer and label is read in (corpora.labels.LabelSpace; None: built-in)."""
+    gold = [r["label"] for r in rows]
     answers = [r["answer"]["full"] for r in rows]
     valences = [r["valence"] for r in rows]
-    recognized = recognition.war_uar(answers, labels)
+    recognized = recognition.war_uar(answers, gold, labels)
     # AffectGPT scores with each emotion wheel and averages; no wheels: the built-in synonym map
     wheel_list = wheels or [None]
-    hits = [recognition.hit_rate(answers, labels, wheel=w) for w in wheel_list]
-    prfs = [recognition.open_vocab_prf(answers, labels, wheel=w) for w in wheel_list]
-    waf, sentiment_acc, sentiment_n = recognition.sentiment(answers, labels, valences)
+    hits = [recognition.hit_rate(answers, gold, w, labels) for w in wheel_list]
+    prfs = [recognition.open_vocab_prf(answers, gold, w, labels) for w in wheel_list]
+    waf, sentiment_acc, sentiment_n = recognition.sentiment(answers, gold, valences, labels)
     counts = {
         "n": len(rows),
         "answered": sum(a is not None for a in answers),
@@ -64,7 +65,7 @@ def summarize(rows, wheels=None):
     }
     for run in perception.CLAIMED:
         run_answers = [r["answer"][run] for r in rows]
-        scores[f"war_{run}"] = recognition.war_uar(run_answers, labels)["war"]
+        scores[f"war_{run}"] = recognition.war_uar(run_answers, gold, labels)["war"]
     for sense in perception.SENSES:
         shares = [r["u"][sense] for r in rows if r["u"][sense] is not None]
         scores[f"U_{sense}"] = recognition.mean(shares)
