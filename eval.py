@@ -6,14 +6,19 @@ open-vocabulary P / R / F, sentiment WAF / accuracy, utilization U^m; with m mas
 faithfulness F^m = 1 - CHAIR^m. The metrics themselves are in metrics/, reports in
 metrics/report.py.
 Commands:
-  python eval.py --model runs/tiny --data runs/synth/test.jsonl --out runs/eval/tiny.json
+  python eval.py --model runs/oppo/oppo/final --data runs/synth/test.jsonl --out runs/eval/o.json
   torchrun --nproc_per_node=8 eval.py --model DIR --data test.jsonl --out ours.json --bf16
   python eval.py --compare base.json ours.json --plot compare.png
+A train.py export (`<out>/<stage>/final`) is evaluated with the frames, completion cap, tau,
+theta, label space and embedder of its run (`<out>/<stage>/args.json`); a flag given wins; a
+checkpoint without a run takes DEFAULTS (the 3B/7B recipe's). The label space is then --labels,
+else labels.json beside --data, else the built-in one.
 """
 
 import math
 import os
 import sys
+from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,23 +30,27 @@ from transformers import HfArgumentParser
 import data
 import reward
 import rollout
+from corpora import labels as label_spaces
 from matching.matcher import Matcher
 from metrics import perception, recognition, report
-from runtime import parallel
+from runtime import parallel, rundir
 from thinker import batching, model, scoring
 
 # each run of a record: the modality its input has masked
 MASKS = {"full": None, "no_video": "video", "no_audio": "audio"}
 # the media features, cast to the policy's dtype (bfloat16 under --bf16); ids and masks keep theirs
 FEATURES = ("pixel_values_videos", "input_features")
+# the settings a trained run's args.json gives, and their values for a checkpoint without one
+DEFAULTS = dict(frames=8, max_new_tokens=512, theta=0.6, tau=0.5, labels="", embedder="")
 
 
 # ---------------------------------------------------------------- scoring
-def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3):
+def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3, labels=None):
     """The report of completions `texts` = {"full", "no_video", "no_audio"} -> list[str].
 
     Each list is aligned with `records`. Cues are recovered from the full run's completions;
-    the masked runs' claims are routed against the whole dataset's cue inventory.
+    the masked runs' claims are routed against the whole dataset's cue inventory. Answers and
+    labels are read in the label space `labels` (corpora/labels.py; None: the built-in one).
     """
     if any(len(texts.get(run, ())) != len(records) for run in MASKS):
         raise ValueError(
@@ -67,13 +76,13 @@ def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3
             "claims": {run: perception.claims(masked[run][i], tau) for run in perception.CLAIMED},
         }
         rows.append(row)
-    result = report.summarize(rows, wheels)
+    result = report.summarize(rows, wheels, labels)
     # only the synthetic world's records have a scenario
     scenarios = sorted({str(r["scenario"]) for r in records if "scenario" in r})
     result["per_scenario"] = {}
     for scenario in scenarios:
         in_scenario = [row for row, r in zip(rows, records) if str(r.get("scenario")) == scenario]
-        result["per_scenario"][scenario] = report.summarize(in_scenario, wheels)
+        result["per_scenario"][scenario] = report.summarize(in_scenario, wheels, labels)
     result["examples"] = []
     for i, record in enumerate(records[:n_examples]):
         completions = {run: texts[run][i] for run in MASKS}
@@ -110,11 +119,12 @@ def evaluate(
     temperature=1.0,
     top_p=1.0,
     wheels=None,
+    labels=None,
 ):
     """Answer every record under the three inputs (`answer`) and score them (`score`).
 
     Under torch.distributed rank 0 scores (only it needs a matcher) and every rank returns the
-    same report. `wheels`: see metrics.recognition.load_wheels.
+    same report. `wheels`: see metrics.recognition.load_wheels; `labels`: the label space.
     """
     sampling = dict(
         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, greedy=greedy
@@ -122,7 +132,7 @@ def evaluate(
     texts = answer(policy, processor, records, batch_size, frames, progress, sampling)
     scored = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        scored = [score(records, texts, matcher, theta, tau, wheels)]
+        scored = [score(records, texts, matcher, theta, tau, wheels, labels=labels)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(scored, src=0)
     result = scored[0]
@@ -136,6 +146,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "frames": frames,
         "wheels": len(wheels or []),
+        "labels": (labels or label_spaces.BUILTIN).name,
     }
     return result
 
@@ -195,10 +206,11 @@ class Args:
     out: str | None = field(default=None, metadata={"help": "write the JSON report here"})
     limit: int = field(default=0, metadata={"help": "evaluate the first N records (0: all)"})
     batch_size: int = field(default=32, metadata={"help": "records per generate call"})
-    max_new_tokens: int = field(default=64, metadata={"help": "completion tokens at most"})
-    theta: float = field(default=0.6, metadata={"help": "cosine at which a cue is recovered"})
-    tau: float = field(default=0.5, metadata={"help": "similarity routing a claim, Eq. (9)"})
-    frames: int = field(default=4, metadata={"help": "video frames per clip"})
+    max_new_tokens: int = field(default=None, metadata={"help": "completion tokens at most"})
+    theta: float = field(default=None, metadata={"help": "cosine at which a cue is recovered"})
+    tau: float = field(default=None, metadata={"help": "similarity routing a claim, Eq. (9)"})
+    frames: int = field(default=None, metadata={"help": "video frames per clip"})
+    labels: str | None = field(default=None, metadata={"help": "label space (corpora/labels.py)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (--sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling's p (--sample)"})
     sample: bool = field(default=False, metadata={"help": "sample (--temperature, --top_p)"})
@@ -221,8 +233,9 @@ def evaluate_model(args):
     """The report of the policy --model on the manifest --data, under torchrun on every rank."""
     # under torchrun each rank answers its shard; the group follows train.py's device rule
     _, _, device = parallel.init()
+    space = data.label_space(args.labels, args.data)
     # on_error="raise": a DataError names file:line
-    records = data.load_manifest(args.data, on_error="raise")[: args.limit or None]
+    records = data.load_manifest(args.data, on_error="raise", labels=space)[: args.limit or None]
     if not records:
         sys.exit(f"eval.py: --data {args.data}: the manifest holds no records")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -232,7 +245,7 @@ def evaluate_model(args):
         policy.to(device),
         processor,
         records,
-        Matcher(args.embedder),
+        Matcher(args.embedder or None),
         batch_size=args.batch_size,
         greedy=not args.sample,
         max_new_tokens=args.max_new_tokens,
@@ -242,13 +255,16 @@ def evaluate_model(args):
         temperature=args.temperature,
         top_p=args.top_p,
         wheels=wheels,
+        labels=space,
     )
     result["settings"].update(model=str(args.model), data=str(args.data))
     return result
 
 
 def main(argv=None):
-    parser = HfArgumentParser(Args, description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(
+        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
+    )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.compare:
         reports = [report.load(path) for path in args.compare]
@@ -256,6 +272,7 @@ def main(argv=None):
     elif not args.model or not args.data:
         parser.error("--model and --data are required (or --compare REPORT ...)")
     else:
+        rundir.from_run(args, args.model, DEFAULTS)
         # before the evaluation: where its results go must be writable (rank 0 writes them)
         if int(os.environ.get("RANK", 0)) == 0:
             for flag, path in (("--out", args.out), ("--plot", args.plot)):
