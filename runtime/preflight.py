@@ -94,8 +94,9 @@ def load_manifests(args):
     return manifests
 
 
-def _load(args, space):
-    """(manifests, None), or (None, why the run cannot start); rank 0."""
+def _load(args, space=None):
+    """(manifests, None), or (None, why the run cannot start); rank 0. `space`: the label space
+    the labels are read in (None: as written)."""
     manifests = {}
     window = audio_window(args.model)
     for split, path in needed(args).items():

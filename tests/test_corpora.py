@@ -170,3 +170,14 @@ def test_reasoning_corpora_train_sft_then_oppo(converted, tiny_dir, matcher, tmp
         lines = steps(read_log(tmp_path / name / "oppo" / "log.jsonl"))
         assert len(lines) == 1 and lines[0]["masked_rows"] >= 0
         assert (tmp_path / name / "test_report.json").exists()
+
+
+def test_sft_epochs_set_the_steps_from_the_train_manifest_size(
+    converted, tiny_dir, matcher, tmp_path
+):
+    # 4 MAFW train records, 4 clips a step: 1.5 epochs is ceil(1.5 x 4 / 4) = 2 steps
+    kw = corpus_run(tiny_dir, converted["mafw"], tmp_path, stages="sft", sft_steps=None)
+    run_inprocess(matcher, **{**kw, "sft_epochs": 1.5, "sft_batch": 4})
+    assert [ln["step"] for ln in steps(read_log(tmp_path / "sft" / "log.jsonl"))] == [1, 2]
+    saved = json.loads((tmp_path / "sft" / "args.json").read_text())
+    assert (saved["sft_steps"], saved["sft_epochs"]) == (2, 1.5)
