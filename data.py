@@ -8,8 +8,13 @@ read by thinker/media.py, missing cue lists are decomposed from the reasoning by
 corpora/decompose.py, and thinker/batching.py makes a batch of records the thinker's inputs.
 
     python data.py --check runs/synth/train.jsonl   # load, decode every record, summarise
-    python data.py --make-world runs/synth          # the default synthetic world
+    python data.py --check mer/train.jsonl --audio_window 300   # real data, Qwen2.5-Omni 3B/7B
+    python data.py --make_world runs/synth          # the default synthetic world
                                                     # (python -m synthetic.world --help)
+
+A public corpus becomes manifests with its converter, `python -m corpora.<name> --help`: mafw,
+dfew, mer (MER2023/2024), emer (EMER, MERR, MER-Caption+ reasoning); each writes the corpus's
+label space beside them (labels.json, corpora/labels.py), which --check and training read.
 """
 
 import codecs
@@ -27,7 +32,7 @@ from typing import Literal
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from corpora import records
+from corpora import labels, records
 from corpora.decompose import CUE_KINDS
 from thinker import media
 from thinker.media import DataError
@@ -39,16 +44,18 @@ LINE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DataErr
 class Manifest(list):
     """The loaded records. `.errors`: one "file:line: problem" message per skipped line;
     `.truncated_audio`: how many records have audio longer than the processor's window (None:
-    not counted, no window given)."""
+    not counted, no window given); `.labels`: the label space its labels were read in (None:
+    as written)."""
 
-    def __init__(self, items=(), errors=(), truncated_audio=None):
+    def __init__(self, items=(), errors=(), truncated_audio=None, labels=None):
         super().__init__(items)
         self.errors = list(errors)
         self.truncated_audio = truncated_audio
+        self.labels = labels
 
 
 # ---------------------------------------------------------------- 1. manifests
-def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
+def load_manifest(path, on_error="skip", check_media=True, audio_window=None, labels=None):
     """Records of a manifest: paths resolved, cues filled in, source = "file:line".
 
     A line that is not UTF-8 JSON, lacks id or label, has a blank label or cue, holds text that
@@ -56,13 +63,14 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
     file, or audio too short for an audio token (headers read when check_media; a synthetic cache
     instead of the media files when it has one) is skipped into .errors (on_error="skip") or
     raises DataError. audio_window: seconds the processor keeps (media.audio_window); records
-    with longer audio are counted into .truncated_audio and one warning.
+    with longer audio are counted into .truncated_audio and one warning. labels: a label space
+    (corpora/labels.py) the labels are written in; a label outside a closed one is a bad line.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
     lines = read_lines(path)
     root = Path(path).parent
-    loaded = Manifest()
+    loaded = Manifest(labels=labels)
     seen = set()
     lengths = []
     for n, line in enumerate(lines, 1):
@@ -70,7 +78,7 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
             text = line.decode("utf-8")
             if not text.strip():
                 continue
-            rec, samples = records.parse(json.loads(text), root, check_media)
+            rec, samples = records.parse(json.loads(text), root, check_media, labels)
             if rec["id"] in seen:
                 raise DataError(f"id {rec['id']!r} appears twice")
         except LINE_ERRORS as err:
@@ -135,13 +143,13 @@ def _problem(err):
 
 
 # ---------------------------------------------------------------- 2. the full check
-def check(path, on_error="skip", audio_window=None):
+def check(path, on_error="skip", audio_window=None, labels=None):
     """Load a manifest (load_manifest), then decode every record as training reads it
     (media.verify), with a progress bar: the records that decode, in a Manifest whose .errors
     hold every line skipped at load and every record that failed to decode, and whose
     .truncated_audio counts the decoded audio longer than audio_window seconds."""
-    loaded = load_manifest(path, on_error)
-    readable = Manifest(errors=loaded.errors)
+    loaded = load_manifest(path, on_error, labels=labels)
+    readable = Manifest(errors=loaded.errors, labels=labels)
     lengths = []
     for rec in tqdm(loaded, desc="decoding", unit="clip"):
         try:
@@ -182,6 +190,13 @@ class Args:
             "metavar": "SECONDS",
         },
     )
+    labels: str = field(
+        default="",
+        metadata={
+            "help": "label space file; empty: labels.json beside the manifest when there is one",
+            "metavar": "FILE",
+        },
+    )
     make_world: str = field(
         default="",
         metadata={
@@ -191,13 +206,23 @@ class Args:
     )
 
 
-def summarise(path, on_error, audio_window):
+def coverage(recs):
+    """{"records", "no_reasoning", "no_cues"}: how many records lack a reference reasoning (SFT
+    trains an empty think block on them) and how many lack every cue (the Omni-Perception Reward
+    and Loss have nothing to act on)."""
+    no_reasoning = sum(1 for r in recs if not (r.get("reasoning") or "").strip())
+    no_cues = sum(1 for r in recs if not any(r["cues"][kind] for kind in CUE_KINDS))
+    return {"records": len(recs), "no_reasoning": no_reasoning, "no_cues": no_cues}
+
+
+def summarise(path, on_error, audio_window, space):
     """Check a manifest (check) and print its record count, every failing line or record, the
-    truncated-audio count, and its label, scenario, media and cue counts. Return whether every
-    line and record passed."""
-    recs = check(path, on_error, audio_window)
+    truncated-audio count, its label space, and its label, scenario, media, reasoning and cue
+    counts. Return whether every line and record passed."""
+    recs = check(path, on_error, audio_window, space)
     print(f"{path}: {len(recs)} records, {len(recs.errors)} skipped", *recs.errors, sep="\n  ")
     print(f"audio longer than the {audio_window:g} s window (truncated): {recs.truncated_audio}")
+    print(f"label space: {space.name}, from {space.source or 'the code (no labels file)'}")
     print("labels:", dict(Counter(str(r["label"]) for r in recs)))
     print("scenarios:", dict(Counter(r.get("scenario", "-") for r in recs)))
     print("media:", dict(Counter(_media_present(r) for r in recs)))
@@ -206,6 +231,7 @@ def summarise(path, on_error, audio_window):
         total = sum(len(r["cues"][kind]) for r in recs)
         cues_per_record[kind] = total / max(1, len(recs))
     print("cues per record:", cues_per_record)
+    print("records without reasoning / without cues:", coverage(recs))
     # the first clip, as training reads it
     for rec in recs[:1]:
         video, audio = media.load_media(rec)
@@ -213,6 +239,18 @@ def summarise(path, on_error, audio_window):
         seconds = None if audio is None else f"{len(audio) / media.SR:.2f} s"
         print(f"{rec['id']}: video {shape}, audio {seconds}")
     return not recs.errors
+
+
+def label_space(path, manifest):
+    """The label space of --labels `path`, else of labels.json beside `manifest`, else the
+    built-in one; DataError naming the file when it is not a label space."""
+    path = path or labels.find(manifest)
+    if not path:
+        return labels.BUILTIN
+    try:
+        return labels.load(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _media_present(record):
@@ -235,7 +273,8 @@ def main(argv=None):
     passed = True
     if args.check:
         try:
-            passed = summarise(args.check, args.on_error, args.audio_window)
+            space = label_space(args.labels, args.check)
+            passed = summarise(args.check, args.on_error, args.audio_window, space)
         except DataError as err:
             # a missing or unreadable manifest, or the first bad line under --on_error raise
             print(f"data.py: {err}", file=sys.stderr)

@@ -1,20 +1,24 @@
 """Evaluation: emotion recognition and MEP-Bench-style modality utilization and faithfulness.
 
-docs/method.md, section 7. Each record is answered (greedy by default) with the full input, the
-video fully masked and the audio fully masked. Full input: WAR / UAR, MER-UniBench-style HIT,
-open-vocabulary P / R / F, sentiment WAF / accuracy, utilization U^m; with m masked: WAR and
-faithfulness F^m = 1 - CHAIR^m. The metrics themselves are in metrics/, reports in
-metrics/report.py.
+docs/method.md, section 7. Each record is answered with the full input, the video fully masked
+and the audio fully masked, greedily and by K sampled completions. Full input: WAR / UAR,
+MER-UniBench-style HIT, open-vocabulary P / R / F, sentiment WAF / accuracy, utilization U^m;
+faithfulness per clip: F^m under x\\m where m carried cues, F_absent^m under x where m is absent.
+The metrics themselves are in metrics/, reports in metrics/report.py.
 Commands:
-  python eval.py --model runs/tiny --data runs/synth/test.jsonl --out runs/eval/tiny.json
+  python eval.py --model runs/oppo/oppo/final --data runs/synth/test.jsonl --out runs/eval/o.json
   torchrun --nproc_per_node=8 eval.py --model DIR --data test.jsonl --out ours.json --bf16
   python eval.py --compare base.json ours.json --plot compare.png
+A train.py export (`<out>/<stage>/final`) is evaluated with the frames, completion cap, tau,
+theta, label space and embedder of its run (`<out>/<stage>/args.json`); a flag given wins; a
+checkpoint without a run takes runtime/eval_flags.py's DEFAULTS (the 3B/7B recipe's). The label
+space is then --labels, else labels.json beside --data, else the built-in one.
 """
 
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
 
 import torch
@@ -25,26 +29,26 @@ from transformers import HfArgumentParser
 import data
 import reward
 import rollout
+from corpora import labels as label_spaces
 from matching.matcher import Matcher
 from metrics import perception, recognition, report
-from runtime import parallel
+from runtime import eval_flags, parallel, rundir
 from thinker import batching, model, scoring
 
 # each run of a record: the modality its input has masked
 MASKS = {"full": None, "no_video": "video", "no_audio": "audio"}
-# the media features, cast to the policy's dtype (bfloat16 under --bf16); ids and masks keep theirs
-FEATURES = ("pixel_values_videos", "input_features")
 
 
 # ---------------------------------------------------------------- scoring
-def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3, samples=None):
+def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, samples=None, labels=None):
     """The report of completions `texts` = {"full", "no_video", "no_audio"} -> list[str], the
     greedy answers, and `samples`, the same keys -> K sampled completions per record (None: the
     greedy answers stand in for them).
 
     Each list is aligned with `records`. Cues are recovered from the full run's greedy answers;
     every completion's sentences about a modality are found against the dataset's whole cue
-    inventory (metrics.perception.describes).
+    inventory (metrics.perception.describes). Answers and labels are read in the label space
+    `labels` (corpora/labels.py; None: the built-in one).
     """
     if any(len(texts.get(run, ())) != len(records) for run in MASKS):
         raise ValueError(
@@ -83,38 +87,11 @@ def score(records, texts, matcher, theta=0.6, tau=0.5, wheels=None, n_examples=3
                 pairs = zip(completions[run][i], sims[run][i])
                 row[kind][run] = [perception.describes(text, sim, tau) for text, sim in pairs]
         rows.append(row)
-    return report.summarize(rows, wheels) | breakdown(records, rows, texts, wheels, n_examples)
-
-
-def breakdown(records, rows, texts, wheels, n_examples):
-    """The report's per-scenario metrics (records with a "scenario", as the synthetic world's) and
-    the first records' answers."""
-    scenarios = sorted({str(r["scenario"]) for r in records if "scenario" in r})
-    per_scenario = {}
-    for scenario in scenarios:
-        in_scenario = [row for row, r in zip(rows, records) if str(r.get("scenario")) == scenario]
-        per_scenario[scenario] = report.summarize(in_scenario, wheels)
-    examples = []
-    for i, record in enumerate(records[:n_examples]):
-        completions = {run: texts[run][i] for run in MASKS}
-        examples.append({"id": record.get("id"), "label": record["label"], **completions})
-    return {"per_scenario": per_scenario, "examples": examples}
+    result = report.summarize(rows, wheels, labels)
+    return result | report.breakdown(records, rows, texts, wheels, labels)
 
 
 # ---------------------------------------------------------------- generation
-def to_policy(batch, param):
-    """The batch's tensors on the policy's device, its media FEATURES also in the policy's dtype."""
-    moved = {}
-    for key, value in batch.items():
-        if not torch.is_tensor(value):
-            moved[key] = value
-        elif key in FEATURES:
-            moved[key] = value.to(param.device, param.dtype)
-        else:
-            moved[key] = value.to(param.device)
-    return moved
-
-
 def evaluate(
     policy,
     processor,
@@ -131,12 +108,13 @@ def evaluate(
     top_p=1.0,
     seed=0,
     wheels=None,
+    labels=None,
 ):
     """Answer every record under the three inputs, greedy and by `samples` sampled completions
     (`answer`), and score them (`score`).
 
     Under torch.distributed rank 0 scores (only it needs a matcher) and every rank returns the
-    same report. `wheels`: see metrics.recognition.load_wheels.
+    same report. `wheels`: see metrics.recognition.load_wheels; `labels`: the label space.
     """
     sampling = dict(
         samples=samples,
@@ -148,12 +126,13 @@ def evaluate(
     texts, sampled = answer(policy, processor, records, batch_size, frames, progress, sampling)
     scored = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        scored = [score(records, texts, matcher, theta, tau, wheels, samples=sampled)]
+        scored = [score(records, texts, matcher, theta, tau, wheels, sampled, labels)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(scored, src=0)
     result = scored[0]
-    settings = dict(n=len(records), theta=theta, tau=tau, frames=frames, wheels=len(wheels or []))
-    result["settings"] = settings | sampling
+    space = (labels or label_spaces.BUILTIN).name
+    settings = dict(n=len(records), theta=theta, tau=tau, frames=frames, labels=space)
+    result["settings"] = settings | sampling | {"wheels": len(wheels or [])}
     return result
 
 
@@ -187,7 +166,7 @@ def answer(policy, processor, records, batch_size, frames, progress, sampling):
                     if modality is not None:
                         inputs = batching.mask_modality(batch, modality, rho=1.0, seed=0)
                     completions = answer_batch(
-                        policy, processor, to_policy(inputs, param), sampling
+                        policy, processor, batching.to_policy(inputs, param), sampling
                     )
                     for kind, texts in completions.items():
                         answers[kind][run] += texts[:answered]
@@ -222,50 +201,13 @@ def answer_batch(policy, processor, inputs, sampling):
 
 
 # ---------------------------------------------------------------- command line
-@dataclass
-class Args:
-    model: str | None = field(
-        default=None, metadata={"help": "policy directory (model.load_policy)"}
-    )
-    data: str | None = field(default=None, metadata={"help": "JSONL manifest (data.load_manifest)"})
-    out: str | None = field(default=None, metadata={"help": "write the JSON report here"})
-    limit: int = field(default=0, metadata={"help": "evaluate the first N records (0: all)"})
-    batch_size: int = field(default=32, metadata={"help": "records per generate call"})
-    max_new_tokens: int = field(default=64, metadata={"help": "completion tokens at most"})
-    theta: float = field(default=0.6, metadata={"help": "cosine at which a cue is recovered"})
-    tau: float = field(default=0.5, metadata={"help": "similarity routing a claim, Eq. (9)"})
-    frames: int = field(default=4, metadata={"help": "video frames per clip"})
-    samples: int = field(
-        default=4,
-        metadata={
-            "help": "K, completions sampled per record and input beside the greedy one, for the "
-            "faithfulness metrics (docs/method.md, section 7); 0: greedy only"
-        },
-    )
-    temperature: float = field(default=1.0, metadata={"help": "the samples' temperature"})
-    top_p: float = field(default=1.0, metadata={"help": "the samples' nucleus p"})
-    seed: int = field(default=0, metadata={"help": "the samples' random seed"})
-    wheels: str | None = field(
-        default=None, metadata={"help": "directory of emotion-wheel files (metrics/recognition.py)"}
-    )
-    embedder: str | None = field(
-        default=None, metadata={"help": "sentence-embedding model dir (default all-MiniLM-L6-v2)"}
-    )
-    bf16: bool = field(default=False, metadata={"help": "load the policy in bfloat16"})
-    compare: list[str] | None = field(
-        default=None, metadata={"help": "print these reports side by side", "metavar": "REPORT"}
-    )
-    plot: str | None = field(
-        default=None, metadata={"help": "write a bar chart of the report(s) to this PNG"}
-    )
-
-
 def evaluate_model(args):
     """The report of the policy --model on the manifest --data, under torchrun on every rank."""
     # under torchrun each rank answers its shard; the group follows train.py's device rule
     _, _, device = parallel.init()
+    space = data.label_space(args.labels, args.data)
     # on_error="raise": a DataError names file:line
-    records = data.load_manifest(args.data, on_error="raise")[: args.limit or None]
+    records = data.load_manifest(args.data, on_error="raise", labels=space)[: args.limit or None]
     if not records:
         sys.exit(f"eval.py: --data {args.data}: the manifest holds no records")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -275,7 +217,7 @@ def evaluate_model(args):
         policy.to(device),
         processor,
         records,
-        Matcher(args.embedder),
+        Matcher(args.embedder or None),
         batch_size=args.batch_size,
         samples=args.samples,
         seed=args.seed,
@@ -286,13 +228,16 @@ def evaluate_model(args):
         temperature=args.temperature,
         top_p=args.top_p,
         wheels=wheels,
+        labels=space,
     )
     result["settings"].update(model=str(args.model), data=str(args.data))
     return result
 
 
 def main(argv=None):
-    parser = HfArgumentParser(Args, description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(
+        eval_flags.Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
+    )
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     if args.compare:
         reports = [report.load(path) for path in args.compare]
@@ -300,6 +245,7 @@ def main(argv=None):
     elif not args.model or not args.data:
         parser.error("--model and --data are required (or --compare REPORT ...)")
     else:
+        rundir.from_run(args, args.model, eval_flags.DEFAULTS)
         # before the evaluation: where its results go must be writable (rank 0 writes them)
         if int(os.environ.get("RANK", 0)) == 0:
             for flag, path in (("--out", args.out), ("--plot", args.plot)):

@@ -13,16 +13,19 @@ Choices the method leaves open (with the others in docs/method.md, section 11):
    <think> to the next </think>; without that closing tag there is none, so no R_op.
 2. Clauses also split at full-width 。，；！？ and at stray tags; pieces without a letter or
    digit are dropped.
-3. Synonyms fold into the six synthetic labels (fear/scared/anxious -> worried, excited -> happy,
-   frustrated -> angry, calm -> neutral) and disgust, contempt; other words pass through cleaned.
+3. Synonyms fold into the classes of the run's label space (corpora/labels.py, --labels). The
+   built-in space folds into the six synthetic labels (fear/scared/anxious -> worried, excited ->
+   happy, frustrated -> angry, calm -> neutral) and disgust, contempt; a corpus's own space keeps
+   its classes apart (MAFW: fear, anxiety). Other words pass through cleaned.
 4. Set F1 only when the label is a list (or comma-separated). A single label needs an exact match:
    with F1, answering all six labels would earn 2/7 > 1/6 for a guess, a hedge RL would learn.
 """
 
 import re
-import unicodedata
 
 import torch
+
+from corpora import labels as label_spaces
 
 MODALITIES = ("visual", "acoustic", "emotion")
 # the (N,) tensors in compute_rewards' parts
@@ -79,83 +82,41 @@ def think_text(text):
     return text[start:end].strip()
 
 
-# Eq. (2): canonical label -> its word forms and synonyms
-_SYNONYMS = {
-    "neutral": "neutral neutrality calm calmness calmly indifferent indifference composed",
-    "happy": "happy happiness happily joy joyful joyous glad gladness cheerful cheer delighted "
-    "delight pleased pleasure content contented excited excitement elated amused",
-    "sad": "sad sadness sadly unhappy unhappiness sorrow sorrowful grief grieving depressed "
-    "depression melancholy gloomy heartbroken miserable",
-    "angry": "angry anger angrily mad furious fury annoyed annoyance irritated irritation rage "
-    "enraged irate frustrated frustration",
-    "surprise": "surprise surprised surprising amazed amazement astonished astonishment "
-    "shocked shock startled",
-    "worried": "worried worry worrying anxious anxiety nervous nervousness fear fearful afraid "
-    "scared frightened concerned concern apprehensive",
-    "disgust": "disgust disgusted disgusting revulsion",
-    "contempt": "contempt contemptuous scorn",
-}
+# Eq. (2): norm reads a label space (corpora/labels.py); without one, the built-in space
+def normalize_emotion(word, wheel=None, labels=None):
+    """Canonical emotion word of `labels` (a corpora.labels.LabelSpace; None: labels.BUILTIN);
+    `wheel` (word -> group, eval.py's emotion wheel) overrides the space for the words it knows.
+    Unknown words pass through cleaned."""
+    space = labels or label_spaces.BUILTIN
+    return space.normalize(word, wheel)
 
 
-def _canonical_labels() -> dict:
-    """word -> its canonical label, for every word of _SYNONYMS."""
-    canonical = {}
-    for label, words in _SYNONYMS.items():
-        for word in words.split():
-            canonical[word] = label
-    return canonical
-
-
-CANONICAL = _canonical_labels()
-
-
-def _clean(word):
-    """Lower case, NFKC, punctuation and symbols removed, whitespace collapsed."""
-    word = unicodedata.normalize("NFKC", str(word)).lower()
-    chars = []
-    for c in word:
-        # Unicode categories P* (punctuation) and S* (symbols) become spaces
-        is_punctuation_or_symbol = unicodedata.category(c)[0] in "PS"
-        chars.append(" " if is_punctuation_or_symbol else c)
-    return " ".join("".join(chars).split())
-
-
-def normalize_emotion(word, wheel=None):
-    """Canonical emotion word; `wheel` (word -> group, eval.py's emotion wheel) overrides the
-    built-in synonyms for the words it knows. Unknown words pass through cleaned."""
-    word = _clean(word)
-    if wheel is None:
-        return CANONICAL.get(word, word)
-    if word in wheel:
-        return wheel[word]
-    word = CANONICAL.get(word, word)
-    return wheel.get(word, word)
-
-
-def _emotion_set(words, wheel):
+def _emotion_set(words, wheel, labels):
     """The set of canonical emotions in a word list or a comma-separated string."""
     if isinstance(words, str):
         words = _LIST_SEP.split(words)
     emotions = set()
     for word in words:
-        emotion = normalize_emotion(word, wheel)
+        emotion = normalize_emotion(word, wheel, labels)
         if emotion:
             emotions.add(emotion)
     return emotions
 
 
 # Eq. (2)
-def accuracy_reward(answer, label, wheel=None):
+def accuracy_reward(answer, label, wheel=None, labels=None):
     """Exact match after normalisation for a single label; set F1 for a label list (or a
-    comma-separated label). An unparseable answer (None, empty, not a string) scores 0."""
+    comma-separated label). An unparseable answer (None, empty, not a string) scores 0. `labels`:
+    the label space of norm (normalize_emotion)."""
     if not isinstance(label, (str, list, tuple)):
         raise TypeError(f"reward.accuracy_reward: label={label!r} must be a str or a list of str")
-    if not isinstance(answer, str) or not _clean(answer):
+    if not isinstance(answer, str) or not label_spaces.clean(answer):
         return 0.0
     if isinstance(label, str) and not _LIST_SEP.search(label):
-        return float(normalize_emotion(answer, wheel) == normalize_emotion(label, wheel))
-    pred = _emotion_set(answer, wheel)
-    gold = _emotion_set(label, wheel)
+        pred_class = normalize_emotion(answer, wheel, labels)
+        return float(pred_class == normalize_emotion(label, wheel, labels))
+    pred = _emotion_set(answer, wheel, labels)
+    gold = _emotion_set(label, wheel, labels)
     if not pred or not gold:
         return 0.0
     return 2.0 * len(pred & gold) / (len(pred) + len(gold))
@@ -211,18 +172,20 @@ def _check_records(completions, records) -> None:
 
 
 # Eq. (4)
-def compute_rewards(completions, records, matcher, w_fmt=0.1, w_op=0.5, tau=0.5, use_op=True):
+def compute_rewards(
+    completions, records, matcher, w_fmt=0.1, w_op=0.5, tau=0.5, use_op=True, labels=None
+):
     """Total reward (N,) and parts {acc, fmt, op, op_visual, op_acoustic, op_emotion: (N,),
     sims: list[matcher.Sim] | None}. records[i] is the ground truth of completion i ("label",
-    "cues"); `matcher` a matcher.Matcher. use_op=False is plain GRPO: no embedding at all, op
-    parts 0, sims None."""
+    "cues"); `matcher` a matcher.Matcher; `labels` the label space of Eq. (2) (None: built-in).
+    use_op=False is plain GRPO: no embedding at all, op parts 0, sims None."""
     _check_records(completions, records)
     N = len(completions)
     fmt_values = [format_reward(c) for c in completions]
     acc_values = []
     for completion, record in zip(completions, records):
         answer = extract_answer(completion)
-        acc_values.append(accuracy_reward(answer, record["label"]))
+        acc_values.append(accuracy_reward(answer, record["label"], labels=labels))
     fmt = torch.tensor(fmt_values, dtype=torch.float32)  # (N,)
     acc = torch.tensor(acc_values, dtype=torch.float32)  # (N,)
 

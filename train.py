@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import eval as evaluation
 import oppo
@@ -28,6 +27,7 @@ import rollout
 from matching.matcher import Matcher
 from metrics import report
 from runtime import checkpoint, config, flops, logs, optim, parallel, preflight, rundir
+from runtime.run_flags import parse_args
 from thinker import batching, model, scoring
 from variants import masked_grad, masked_rollout
 
@@ -72,8 +72,9 @@ def sft_step(args, policy, processor, recs, media):
     }
 
 
-def oppo_step(args, policy, ref, processor, matcher, recs, media, step):
-    """One OPPO step on this rank's B clips: the gradient of its loss, and its metrics."""
+def oppo_step(args, policy, ref, processor, matcher, recs, media, step, labels=None):
+    """One OPPO step on this rank's B clips: the gradient of its loss, and its metrics. `labels`:
+    the run's label space (corpora/labels.py) of the accuracy reward."""
     clock = logs.Clock()
     # 1. rollout: G completions per clip, and their reference log-probs (Eq. 7) when beta > 0
     roll = rollout.rollout(
@@ -98,6 +99,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, step):
         w_op=args.w_op if args.perception_reward else 0.0,
         tau=args.tau,
         use_op=args.perception_reward or args.perception_loss,
+        labels=labels,
     )
     clock.lap("reward")
     # 3. advantage, Eq. (5): a clip's G rows are all on this rank; the rewards come from the CPU
@@ -160,7 +162,7 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
     recs = preflight.stage_records(stage, manifests, policy, processor)
     rundir.start_stage(args, stage, start, recs, changes.get(stage), rank == 0)
     cache = {} if args.cache_inputs else None
-    log = logs.Log(out / "log.jsonl", start, rank == 0)
+    log = logs.Log(out / "log.jsonl", start, rank == 0, args.tensorboard)
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=stage, disable=rank != 0, initial=start, total=total_steps)
     for step in bar:
@@ -172,7 +174,9 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
         if stage == "sft":
             metrics = sft_step(args, policy, processor, batch, media)
         else:
-            metrics = oppo_step(args, policy, ref, processor, matcher, batch, media, step)
+            metrics = oppo_step(
+                args, policy, ref, processor, matcher, batch, media, step, recs.labels
+            )
         # the learning rate this step used: optimizer_step moves the schedule on
         lr = schedule.get_last_lr()[0]
         gnorm, finite = optim.optimizer_step(
@@ -190,6 +194,7 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             val_report = report_on(args, policy, processor, manifests["val"], matcher, False)
             log.write({"step": step + 1, "eval": report.summary(val_report)})
+    log.close()
     checkpoint.export(policy, processor, out / "final")
     return out / "final"
 
@@ -215,7 +220,8 @@ def load_models(stage, args, init, device):
 
 
 def report_on(args, policy, processor, records, matcher, progress=True):
-    """eval.py's report on the first --eval_limit records of a loaded manifest (0: all)."""
+    """eval.py's report on the first --eval_limit records of a loaded manifest (0: all), in its
+    label space."""
     return evaluation.evaluate(
         policy,
         processor,
@@ -230,6 +236,7 @@ def report_on(args, policy, processor, records, matcher, progress=True):
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        labels=records.labels,
     )
 
 
@@ -244,8 +251,9 @@ def main(args):
     matcher = Matcher(args.embedder or None, device=device)
     # before the first step: the output directory, the resumed arguments, every manifest
     with rundir.locked(args.out):
-        changes = rundir.check_resume(args)
+        # the manifests first: they set the label space and the SFT steps of --sft_epochs
         manifests = preflight.load_manifests(args)
+        changes = rundir.check_resume(args)
         init = args.init or args.model
         for stage in args.stages.split(","):
             init = run_stage(stage, args, init, device, matcher, manifests, changes)
@@ -260,4 +268,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(HfArgumentParser(config.Args).parse_args_into_dataclasses()[0])
+    main(parse_args(config.Args))

@@ -13,10 +13,11 @@ from thinker import media
 from thinker.media import DataError
 
 
-def parse(rec, root, check_media):
+def parse(rec, root, check_media, space=None):
     """One parsed manifest line checked and completed, media paths resolved against `root`; and
     its audio's length in 16 kHz samples by the headers (None: no audio, not known, or
-    check_media off)."""
+    check_media off). With a label space `space` (corpora/labels.py) the label is written as
+    the space names it, and a label outside a closed space is an error."""
     if not isinstance(rec, dict):
         raise DataError(f"a record must be a JSON object, got {type(rec).__name__}")
     bad = _not_unicode(rec)
@@ -32,12 +33,14 @@ def parse(rec, root, check_media):
     # a blank label can never be matched by an answer
     if not all(x.strip() for x in labels):
         raise DataError(f"label {label!r} is blank")
+    if space is not None:
+        label = _in_space(label, space)
     if not isinstance(rec.get("reasoning") or "", str):
         raise DataError(f"reasoning must be a string, got {rec['reasoning']!r}")
     for key in ("video", "audio", "cache"):
         if not isinstance(rec.get(key) or "", str):
             raise DataError(f"{key} must be a path, got {rec[key]!r}")
-    rec = dict(rec, id=str(rec["id"]), subtitle=str(rec.get("subtitle") or ""))
+    rec = dict(rec, id=str(rec["id"]), subtitle=str(rec.get("subtitle") or ""), label=label)
     # a missing cache is only a slower load: the media files are decoded instead
     cache = rec.get("cache")
     if cache and (root / cache).is_file():
@@ -55,6 +58,18 @@ def parse(rec, root, check_media):
     if check_media:
         samples = _probe(rec)
     return dict(rec, cues=_cues(rec)), samples
+
+
+def _in_space(label, space):
+    """The label as the space names it; DataError naming the space when a word is no class."""
+    outside = space.outside(label)
+    if outside:
+        classes = ", ".join(space.classes)
+        raise DataError(
+            f"label {outside[0]!r} is no class of the label space {space.source or space.name} "
+            f"({classes}); add it to that space's synonyms or correct the label"
+        )
+    return space.canonical(label)
 
 
 def _probe(rec):

@@ -1,24 +1,18 @@
 """Emotion recognition metrics of docs/method.md, section 7, as functions of answers and labels.
 
 Closed-set WAR / UAR, and the MER-UniBench scores of AffectGPT (HIT, open-vocabulary precision /
-recall / F, sentiment WAF / accuracy), optionally through emotion wheels. eval.py produces the
-answers these score; metrics/perception.py scores the reasoning.
+recall / F, sentiment WAF / accuracy), optionally through emotion wheels. Every word goes through
+the run's label space (`space`, a corpora.labels.LabelSpace; None: the built-in one), as the
+accuracy reward reads it. eval.py produces the answers these score; metrics/perception.py scores
+the reasoning.
 """
 
 import re
 from pathlib import Path
 
 import reward
+from corpora import labels as label_spaces
 
-# the sign of each label's sentiment; surprise counts 0 (a flat face)
-VALENCE = {
-    "happy": 1,
-    "surprise": 0,
-    "neutral": 0,
-    "sad": -1,
-    "angry": -1,
-    "worried": -1,
-}
 # the separators between the emotion words of an answer: , ; / (ASCII or CJK) and "and"
 WORD_SEP = re.compile(r"[,;/，、；]|\band\b")
 
@@ -31,7 +25,7 @@ def mean(xs):
     return sum(values) / len(values)
 
 
-def clusters(text, wheel=None):
+def clusters(text, wheel=None, space=None):
     """The normalised emotion words of an answer or label (their wheel clusters if given).
 
     `text` is a list of words, or a str split at , ; / and "and"; None holds no word.
@@ -44,31 +38,31 @@ def clusters(text, wheel=None):
     for word in words:
         if not word or not word.strip():
             continue
-        cluster = reward.normalize_emotion(word, wheel)
+        cluster = reward.normalize_emotion(word, wheel, space)
         if cluster:
             found.add(cluster)
     return found
 
 
 # ---------------------------------------------------------------- recognition
-def first_emotion(text):
+def first_emotion(text, space=None):
     """The normalised emotion of an answer or label: a list counts as its first word; None stays."""
     if not text:
         return None
     if isinstance(text, str):
-        return reward.normalize_emotion(text)
-    return reward.normalize_emotion(text[0])
+        return reward.normalize_emotion(text, labels=space)
+    return reward.normalize_emotion(text[0], labels=space)
 
 
-def war_uar(preds, labels):
+def war_uar(preds, labels, space=None):
     """Closed-set WAR and UAR (the DFEW / MAFW / RAVDESS protocol).
 
     WAR is the accuracy; UAR the mean, over the classes present in the ground truth, of the
-    per-class recall. Both sides go through reward.normalize_emotion; an unparseable answer
-    (None) is wrong.
+    per-class recall. Both sides go through reward.normalize_emotion with the label space
+    `space`; an unparseable answer (None) is wrong.
     """
-    gold = [first_emotion(x) for x in labels]
-    pred = [first_emotion(x) for x in preds]
+    gold = [first_emotion(x, space) for x in labels]
+    pred = [first_emotion(x, space) for x in preds]
     right = [p is not None and p == g for p, g in zip(pred, gold, strict=True)]
     recall = {}
     for c in sorted(set(gold) - {None}):
@@ -76,21 +70,22 @@ def war_uar(preds, labels):
     return {"war": mean(right), "uar": mean(recall.values()), "recall": recall}
 
 
-def hit_rate(preds, labels, wheel=None):
+def hit_rate(preds, labels, wheel=None, space=None):
     """MER-UniBench basic-emotion HIT (AffectGPT, Lian et al. 2025).
 
     The share of samples where any predicted word falls in a ground-truth cluster; samples whose
-    ground truth is only neutral (by the built-in map) are left out. Returns (hit or None, n).
+    ground truth is only neutral (by the label space `space`) are left out. Returns (hit or None,
+    n).
     """
     hits = []
     for pred, label in zip(preds, labels):
-        if not clusters(label) - {"neutral"}:
+        if not clusters(label, space=space) - {"neutral"}:
             continue
-        hits.append(bool(clusters(pred, wheel) & clusters(label, wheel)))
+        hits.append(bool(clusters(pred, wheel, space) & clusters(label, wheel, space)))
     return mean(hits), len(hits)
 
 
-def open_vocab_prf(preds, labels, wheel=None):
+def open_vocab_prf(preds, labels, wheel=None, space=None):
     """MER-UniBench open-vocabulary scores (AffectGPT): returns (P, R, F, n).
 
     Per sample with a ground truth G and a prediction P: precision |G & P| / |P| (0 when nothing
@@ -99,8 +94,8 @@ def open_vocab_prf(preds, labels, wheel=None):
     precisions = []
     recalls = []
     for answer, label in zip(preds, labels):
-        gold = clusters(label, wheel)
-        pred = clusters(answer, wheel)
+        gold = clusters(label, wheel, space)
+        pred = clusters(answer, wheel, space)
         if not gold:
             continue
         precisions.append(len(gold & pred) / len(pred) if pred else 0.0)
@@ -116,18 +111,20 @@ def open_vocab_prf(preds, labels, wheel=None):
     return P, R, F, len(precisions)
 
 
-def valence(text):
-    """The summed VALENCE of the emotion clusters of a text; unknown words count 0."""
-    return sum(VALENCE.get(c, 0) for c in clusters(text))
+def valence(text, space=None):
+    """The summed valence (the label space's) of the emotion clusters of a text; unknown words
+    count 0."""
+    space = space or label_spaces.BUILTIN
+    return sum(space.valence.get(c, 0) for c in clusters(text, space=space))
 
 
-def sentiment(preds, labels, valences=None):
+def sentiment(preds, labels, valences=None, space=None):
     """MER-UniBench sentiment (AffectGPT): returns (WAF, accuracy, n).
 
     A sample's ground-truth valence is its record's numeric "valence", else its label's
-    valence(); only non-zero ones are scored. Positive means > 0, for the ground truth and for
-    the prediction's valence(). WAF is the support-weighted mean F1 of both classes, as AffectGPT
-    computes it (sklearn f1_score, average="weighted").
+    valence() in the label space `space`; only non-zero ones are scored. Positive means > 0, for
+    the ground truth and for the prediction's valence(). WAF is the support-weighted mean F1 of
+    both classes, as AffectGPT computes it (sklearn f1_score, average="weighted").
     """
     # scikit-learn comes with sentence-transformers
     from sklearn.metrics import accuracy_score, f1_score
@@ -136,13 +133,13 @@ def sentiment(preds, labels, valences=None):
         valences = [None] * len(labels)
     gold_valences = []
     for label, given in zip(labels, valences):
-        gold_valences.append(valence(label) if given is None else given)
+        gold_valences.append(valence(label, space) if given is None else given)
     gold = []
     pred = []
     for answer, gold_valence in zip(preds, gold_valences):
         if gold_valence != 0:
             gold.append(gold_valence > 0)
-            pred.append(valence(answer) > 0)
+            pred.append(valence(answer, space) > 0)
     if not gold:
         return None, None, 0
     waf = float(f1_score(gold, pred, average="weighted", zero_division=0))
@@ -171,6 +168,6 @@ def load_wheels(directory):
                     f"metrics.load_wheels: {path}:{n}: expected `word,cluster`, got {line!r}"
                 )
             # both cleaned as normalize_emotion cleans the words it looks up
-            wheel[reward._clean(word)] = reward._clean(rest[0])
+            wheel[label_spaces.clean(word)] = label_spaces.clean(rest[0])
         wheels.append(wheel)
     return wheels

@@ -35,17 +35,18 @@ KEYS = (
 )
 
 
-def summarize(rows, wheels=None):
-    """Every metric and count over per-sample rows (built by eval.score)."""
-    labels = [r["label"] for r in rows]
+def summarize(rows, wheels=None, labels=None):
+    """Every metric and count over per-sample rows (built by eval.score); `labels`: the label
+    space every answer and label is read in (corpora.labels.LabelSpace; None: built-in)."""
+    gold = [r["label"] for r in rows]
     answers = [r["answer"]["full"] for r in rows]
     valences = [r["valence"] for r in rows]
-    recognized = recognition.war_uar(answers, labels)
+    recognized = recognition.war_uar(answers, gold, labels)
     # AffectGPT scores with each emotion wheel and averages; no wheels: the built-in synonym map
     wheel_list = wheels or [None]
-    hits = [recognition.hit_rate(answers, labels, wheel=w) for w in wheel_list]
-    prfs = [recognition.open_vocab_prf(answers, labels, wheel=w) for w in wheel_list]
-    waf, sentiment_acc, sentiment_n = recognition.sentiment(answers, labels, valences)
+    hits = [recognition.hit_rate(answers, gold, w, labels) for w in wheel_list]
+    prfs = [recognition.open_vocab_prf(answers, gold, w, labels) for w in wheel_list]
+    waf, sentiment_acc, sentiment_n = recognition.sentiment(answers, gold, valences, labels)
     counts = {
         "n": len(rows),
         "answered": sum(a is not None for a in answers),
@@ -66,7 +67,7 @@ def summarize(rows, wheels=None):
     }
     for run in perception.CLAIMED:
         run_answers = [r["answer"][run] for r in rows]
-        scores[f"war_{run}"] = recognition.war_uar(run_answers, labels)["war"]
+        scores[f"war_{run}"] = recognition.war_uar(run_answers, gold, labels)["war"]
     for sense in perception.SENSES:
         shares = [r["u"][sense] for r in rows if r["u"][sense] is not None]
         scores[f"U_{sense}"] = recognition.mean(shares)
@@ -85,6 +86,21 @@ def summarize(rows, wheels=None):
     scores["U"] = recognition.mean([scores["U_visual"], scores["U_acoustic"]])
     scores["F"] = recognition.mean([scores["F_visual"], scores["F_acoustic"]])
     return {"metrics": scores, "counts": counts, "recall": recognized["recall"], "notes": notes}
+
+
+def breakdown(records, rows, texts, wheels=None, labels=None, n_examples=3):
+    """A report's per-scenario metrics (records with a "scenario", as the synthetic world's) and
+    the first records' answers; rows as eval.score builds them, texts its greedy answers."""
+    scenarios = sorted({str(r["scenario"]) for r in records if "scenario" in r})
+    per_scenario = {}
+    for scenario in scenarios:
+        in_scenario = [row for row, r in zip(rows, records) if str(r.get("scenario")) == scenario]
+        per_scenario[scenario] = summarize(in_scenario, wheels, labels)
+    examples = []
+    for i, record in enumerate(records[:n_examples]):
+        completions = {run: answers[i] for run, answers in texts.items()}
+        examples.append({"id": record.get("id"), "label": record["label"], **completions})
+    return {"per_scenario": per_scenario, "examples": examples}
 
 
 def summary(report):

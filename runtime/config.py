@@ -2,14 +2,16 @@
 
 A field left unset (None) takes the value of the run's profile: `cpu`, the tiny thinker on the
 synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni thinker on real
-data with the recipe of docs/method.md, section 6.
+data with the recipe of docs/method.md, section 6. Args inherits runtime/run_flags.py's flags.
 """
 
 from dataclasses import dataclass, field
 
+from runtime.run_flags import RunFlags
+
 
 @dataclass
-class Args:
+class Args(RunFlags):
     model: str = field(
         default="",
         metadata={
@@ -72,7 +74,7 @@ class Args:
     frames: int = field(default=None, metadata={"help": "video frames per clip (CPU 4, real 8)"})
     # SFT cold start
     sft_steps: int = field(
-        default=None, metadata={"help": "SFT optimizer steps (CPU 900, real 1000)"}
+        default=None, metadata={"help": "SFT optimizer steps (CPU 900; real: --sft_epochs)"}
     )
     sft_batch: int = field(
         default=None, metadata={"help": "SFT clips per step, global over ranks (CPU 16, real 64)"}
@@ -210,20 +212,6 @@ class Args:
     )
     # bookkeeping
     save_every: int = field(default=50, metadata={"help": "steps between sharded checkpoints"})
-    eval_every: int = field(
-        default=0,
-        metadata={"help": "steps between validation evaluations (0: only at the end)"},
-    )
-    eval_samples: int = field(
-        default=4,
-        metadata={
-            "help": "K, completions the evaluation samples per clip and input (at --temperature) "
-            "beside the greedy one, for faithfulness (docs/method.md, section 7); 0: greedy only"
-        },
-    )
-    eval_limit: int = field(
-        default=200, metadata={"help": "validation/test clips evaluated (0: all)"}
-    )
     bf16: bool = field(
         default=None,
         metadata={
@@ -276,7 +264,7 @@ CPU = dict(
 )
 REAL = dict(
     frames=8,
-    sft_steps=1000,
+    sft_epochs=3,
     sft_batch=64,
     sft_lr=1e-5,
     steps=500,
@@ -301,6 +289,9 @@ def apply_profile(args, device):
         raise ValueError(f"--profile must be cpu or real, got {args.profile!r}")
     defaults = REAL if args.profile == "real" else CPU
     for key, value in defaults.items():
+        # --sft_epochs sets the SFT length: the profile's step count gives way
+        if key == "sft_steps" and args.sft_epochs is not None:
+            continue
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.bf16 is None:

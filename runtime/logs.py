@@ -1,7 +1,9 @@
 """What a run logs: each stage's log.jsonl, the run's run.jsonl, and the metrics of a step.
 
 - `Log` is a stage's log.jsonl, one JSON line a step, trimmed on resume to the steps the
-  checkpoint holds, so every step is logged once.
+  checkpoint holds, so every step is logged once. Beside it: samples.jsonl, a few sampled
+  completions of each OPPO step (clip id, completion, every reward part: --log_samples), and
+  with --tensorboard every logged number as TensorBoard scalars in `tensorboard/`.
 - `log_event` appends a line to `<out>/run.jsonl`: one per start of train.py (the manifests'
   counts) and one per stage started.
 - `Clock` times a step's phases; `oppo_metrics` and `sft_metrics` make a step's line: every
@@ -35,24 +37,42 @@ def trim_log(path, step):
 
 
 class Log:
-    """A stage's log.jsonl, one JSON object a line, written by rank 0 alone (`master`).
+    """A stage's log.jsonl, one JSON object a line, written by rank 0 alone (`master`); its
+    samples.jsonl; with `tensorboard`, its TensorBoard scalars.
 
     Opened for a run that starts at `start`: the lines of later steps, from a run killed after
-    its last checkpoint, go (they run again and are logged once)."""
+    its last checkpoint, go (they run again and are logged once), in all three."""
 
-    def __init__(self, path, start, master):
+    def __init__(self, path, start, master, tensorboard=False):
         self.file = None
+        self.samples = None
+        self.board = None
         if master:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             trim_log(path, start)
             self.file = open(path, "a")
+            samples = path.with_name("samples.jsonl")
+            trim_log(samples, start)
+            self.samples = open(samples, "a")
+        if master and tensorboard:
+            # loaded only when asked for: TensorBoard is an optional view of the same numbers
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events of the steps it runs again
+            self.board = SummaryWriter(path.parent / "tensorboard", purge_step=start + 1)
 
     def write(self, record):
         """One line; a non-finite float is written as a string ("nan"), so the line is strict
-        JSON."""
+        JSON. A record's "samples" go to samples.jsonl, one line each, with its step."""
         if self.file is None:
             return
+        record = dict(record)
+        for sample in record.pop("samples", []):
+            self.samples.write(json.dumps({"step": record.get("step"), **sample}) + "\n")
+        self.samples.flush()
+        if self.board is not None:
+            self.scalars(record)
         strict = {}
         for key, value in record.items():
             if isinstance(value, float) and not math.isfinite(value):
@@ -61,9 +81,25 @@ class Log:
         self.file.write(json.dumps(strict) + "\n")
         self.file.flush()
 
+    def scalars(self, record):
+        """Every number of a record as a TensorBoard scalar at its step; an evaluation's under
+        eval/."""
+        step = record.get("step")
+        values = dict(record)
+        for key, value in record.get("eval", {}).items():
+            values[f"eval/{key}"] = value
+        for key, value in values.items():
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if is_number and key != "step":
+                self.board.add_scalar(key, value, step)
+        self.board.flush()
+
     def close(self):
         if self.file is not None:
             self.file.close()
+            self.samples.close()
+        if self.board is not None:
+            self.board.close()
 
 
 # ---------------------------------------------------------------- 2. the run's log
@@ -114,6 +150,7 @@ def oppo_metrics(args, policy, roll, rewards, evidence, clock, *parts):
     metrics["rewards/total"] = float(total.mean())
     metrics["completion_length"] = float(mask.sum(1).mean())
     metrics["sample"] = roll.texts[0]
+    metrics["samples"] = samples(roll, total, reward_parts, args.log_samples)
     for phase, seconds in clock.seconds.items():
         metrics[f"time/{phase}"] = seconds
     for phase, seconds in roll.timings.items():
@@ -130,6 +167,20 @@ def oppo_metrics(args, policy, roll, rewards, evidence, clock, *parts):
         policy, len(mask), prompt_tokens, completion_tokens, scoring_passes
     )
     return metrics
+
+
+def samples(roll, total, reward_parts, n):
+    """The first n completions of a step's rows: clip id, row, completion, total reward and every
+    reward part, for samples.jsonl."""
+    rows = []
+    for i in range(min(n, len(roll.texts))):
+        row = {"id": roll.records[i]["id"], "row": i, "completion": roll.texts[i]}
+        row["reward"] = float(total[i])
+        for key, value in reward_parts.items():
+            if torch.is_tensor(value):
+                row[key] = float(value[i])
+        rows.append(row)
+    return rows
 
 
 def finish_step(metrics, seconds, lr, grad_norm, finite):

@@ -4,10 +4,12 @@ and never does long work it cannot save.
 - `require_manifests`: with --data, every other manifest the run reads must be named too;
   without it, `default_assets` builds the synthetic world (and the tiny thinker without --model).
 - `load_manifests`: every manifest the run will read (train; val with --eval_every; test) is
-  loaded on rank 0 and sent to every rank; each one's records and skipped lines are printed; a
-  manifest with more skipped lines than --max_bad_records, or no record at all, refuses the run.
-  Records whose audio is longer than the processor keeps are counted and printed. The test
-  report's path is checked writable with them.
+  loaded on rank 0 and sent to every rank, its labels read in the run's label space (--labels,
+  else labels.json beside --data, else the built-in one); each one's records and skipped lines
+  are printed; a manifest with more skipped lines than --max_bad_records, or no record at all,
+  refuses the run. Records whose audio is longer than the processor keeps are counted and
+  printed. The test report's path is checked writable with them. The train records without
+  reasoning or cues are counted and printed (`coverage.py`), and --sft_epochs becomes steps.
 - `stage_records`: SFT records whose prompt text and target alone need more positions than the
   model has refuse the run (their media's positions come on top).
 - `summary`: the counts, for `<out>/run.jsonl` and test_report.json.
@@ -20,7 +22,7 @@ from transformers import WhisperFeatureExtractor
 
 import data
 from metrics import report
-from runtime import logs, parallel, rundir
+from runtime import coverage, logs, parallel, run_flags, rundir
 from thinker import batching, media
 
 # the flag of each split's manifest
@@ -77,23 +79,30 @@ def needed(args):
 
 def load_manifests(args):
     """{split: data.Manifest} of `needed` on every rank, their counts logged in the run's log;
-    or SystemExit on every rank naming the flag, the manifest and its first skipped lines."""
-    manifests, problem = parallel.from_rank0(_load, args)
+    or SystemExit on every rank naming the flag, the manifest and its first skipped lines, or
+    what a stage lacks (coverage.refusal)."""
+    space = coverage.label_space(args)
+    manifests, problem = parallel.from_rank0(_load, args, space)
     if problem:
         rundir.refuse(problem)
+    problem = coverage.refusal(args, manifests["train"])
+    if problem:
+        rundir.refuse(problem)
+    args.sft_steps = run_flags.sft_steps(args, len(manifests["train"]))
     start = {"event": "start", "manifests": summary(args, manifests)}
     logs.log_event(args.out, start, dist.get_rank() == 0)
     return manifests
 
 
-def _load(args):
-    """(manifests, None), or (None, why the run cannot start); rank 0."""
+def _load(args, space=None):
+    """(manifests, None), or (None, why the run cannot start); rank 0. `space`: the label space
+    the labels are read in (None: as written)."""
     manifests = {}
     window = audio_window(args.model)
     for split, path in needed(args).items():
         flag = f"--{FLAGS[split]}"
         try:
-            manifest = data.load_manifest(path, audio_window=window)
+            manifest = data.load_manifest(path, audio_window=window, labels=space)
         except data.DataError as err:
             return None, f"{flag}: {err}"
         skipped = manifest.errors
@@ -181,5 +190,7 @@ def summary(args, manifests):
         }
         if split != "train":
             entry["evaluated"] = len(manifest[: args.eval_limit or None])
+        else:
+            entry.update(data.coverage(manifest))
         out[split] = entry
     return out

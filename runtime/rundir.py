@@ -3,10 +3,12 @@
 - `Lock` is `<out>/.lock`, held by the run that writes `<out>` (rank 0, for every rank): an
   exclusive flock, so the kernel frees it however the run ends, even killed, and the file names
   its holder (host, pid, start) for the message a second run refuses with.
-- `start_stage` records a stage's arguments in `<out>/<stage>/args.json` when it starts, and
-  `resume_changes` compares a --resume's arguments with them: a stage resumed with other
-  arguments is not the run its checkpoint belongs to, so the run refuses, naming each flag,
-  unless --allow_changed_args. EXEMPT flags change where, when or how, not what, is computed.
+- `start_stage` records every flag of the run in `<out>/<stage>/args.json` when a stage starts
+  (train.py --config reads it back; eval.py reads its export's settings from it, `saved_args`),
+  and `resume_changes` compares a --resume's arguments with those the stage reads: a stage
+  resumed with other arguments is not the run its checkpoint belongs to, so the run refuses,
+  naming each flag, unless --allow_changed_args. EXEMPT flags change where, when or how, not
+  what, is computed.
 - `start_stage` also logs the stage's start in `<out>/run.jsonl` (runtime/logs.py).
 """
 
@@ -41,6 +43,10 @@ EXEMPT = {
     "micro_batch",
     "activation_checkpointing",
     "cache_inputs",
+    "allow_label_only",
+    "tensorboard",
+    "log_samples",
+    "config",
 }
 # the flags the SFT stage reads (a flag added to its path belongs here), and those only it reads
 SFT_READS = {
@@ -50,14 +56,16 @@ SFT_READS = {
     "seed",
     "frames",
     "sft_steps",
+    "sft_epochs",
     "sft_batch",
     "sft_lr",
     "weight_decay",
     "grad_clip",
     "warmup",
     "bf16",
+    "labels",
 }
-SFT_ONLY = {"sft_steps", "sft_batch", "sft_lr"}
+SFT_ONLY = {"sft_steps", "sft_epochs", "sft_batch", "sft_lr"}
 # a lock file that names no holder (new, or being written)
 UNKNOWN = "holder unknown"
 
@@ -228,18 +236,47 @@ def resume_changes(args, stages):
 
 
 def start_stage(args, stage, start, records, changes, master):
-    """A stage starts at step `start` on `records` (a data.Manifest): record its arguments
-    (atomically) and log the start, the records and the lines skipped, in the run's log; rank 0
-    (`master`) alone writes."""
+    """A stage starts at step `start` on `records` (a data.Manifest): record every flag of the
+    run (atomically; --config reads the file back) and log the start, the records and the lines
+    skipped, in the run's log; rank 0 (`master`) alone writes."""
     if not master:
         return
     out = Path(args.out) / stage
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "args.json.tmp"
-    tmp.write_text(json.dumps(stage_flags(args, stage), indent=1))
+    flags = dataclasses.asdict(args)
+    flags.pop("config", None)
+    tmp.write_text(json.dumps(flags, indent=1))
     os.replace(tmp, out / "args.json")
     event = {"event": "stage", "stage": stage, "start": start, "records": len(records)}
     event["skipped"] = len(records.errors)
     if changes:
         event["changed_args"] = changes
     logs.log_event(args.out, event, master)
+
+
+def saved_args(export):
+    """The flags of the run whose stage exported `export` (`<out>/<stage>/final`): its stage's
+    args.json, {} when there is none (a checkpoint not trained here)."""
+    path = Path(export).parent / "args.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise SystemExit(f"{path}: unreadable ({err}); give the settings as flags") from None
+
+
+def from_run(args, export, defaults):
+    """Fill each setting of `defaults` that `args` leaves unset (None) from the args.json of the
+    run that exported `export` (saved_args), else from `defaults`; print where they came from."""
+    saved = saved_args(export)
+    filled = []
+    for key, default in defaults.items():
+        if getattr(args, key) is not None:
+            continue
+        setattr(args, key, saved.get(key, default))
+        filled.append(f"{key} {getattr(args, key)!r}")
+    origin = f"{Path(export).parent / 'args.json'}" if saved else "defaults"
+    if filled and int(os.environ.get("RANK", 0)) == 0:
+        print(f"from {origin}:", ", ".join(filled))

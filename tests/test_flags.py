@@ -16,6 +16,7 @@ import oppo
 import reward
 import rollout
 import train
+from corpora import labels
 from matching.matcher import Matcher, Sim
 from metrics import perception
 from runtime import config
@@ -128,7 +129,9 @@ def report(args, setup, matcher, monkeypatch):
         return None, None, [EVAL_TEXT] * n
 
     monkeypatch.setattr(rollout, "generate", fixed)
-    return train.report_on(args, policy, processor, records, matcher, progress=False)
+    # a loaded manifest, as train.py hands report_on (read in the built-in label space)
+    manifest = data.Manifest(records, labels=labels.BUILTIN)
+    return train.report_on(args, policy, processor, manifest, matcher, progress=False)
 
 
 def test_tau_and_theta_set_the_evaluation_claims_and_recovered_cues(setup, answered, monkeypatch):

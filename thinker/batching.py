@@ -151,6 +151,24 @@ def _labels(input_ids, tails):
     return torch.stack(rows)  # (B, L)
 
 
+# the media features, cast to the policy's dtype (bfloat16 under --bf16); ids and masks keep theirs
+FEATURES = ("pixel_values_videos", "input_features")
+
+
+def to_policy(batch, param):
+    """The batch's tensors on the policy's device, its media FEATURES also in the policy's dtype
+    (`param`: one of the policy's parameters)."""
+    moved = {}
+    for key, value in batch.items():
+        if not torch.is_tensor(value):
+            moved[key] = value
+        elif key in FEATURES:
+            moved[key] = value.to(param.device, param.dtype)
+        else:
+            moved[key] = value.to(param.device)
+    return moved
+
+
 # ---------------------------------------------------------------- 3. modality masking
 def mask_modality(batch, modality, rho=0.9, seed=0):
     """x\\v or x\\a: a new batch, rho of each clip's video patch rows or valid audio frames zeroed.
