@@ -144,7 +144,8 @@ def faithfulness_scores(rows):
     _greedy): F_m, masked-input faithfulness (x\\m, clips where m carried cues); F_absent_m,
     absence faithfulness (full input, clips where m is absent or uninformative); described_m,
     how often the full input's answers describe m where it carried cues. When they never do,
-    F_m and F_absent_m are None: there was nothing the policy could have claimed."""
+    F_m and F_absent_m are None: there was nothing the policy could have claimed. Without clips
+    where m carried cues (a scenario of absence), F_absent_m alone is measured."""
     scores, counts, notes = {}, {}, []
     for sense, run in MASKED.items():
         for kind, suffix in (("sampled", ""), ("greedy", "_greedy")):
@@ -152,7 +153,8 @@ def faithfulness_scores(rows):
             absent, n_absent = faithfulness(rows, sense, "full", kind, False)
             kept, _ = faithfulness(rows, sense, "full", kind, True)
             described = None if kept is None else 1.0 - kept
-            if not described:
+            # no clip with m's cues (a subset of the clips) leaves the absence measure standing
+            if described == 0.0:
                 notes.append(
                     f"F_{sense}{suffix}: the full-input answers never describe the {sense} "
                     "modality where it carries cues, so faithfulness measures nothing"

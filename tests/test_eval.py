@@ -273,6 +273,9 @@ def test_perfect_run_scores_one(matcher):
     assert c["claims_no_video"]["visual"] == 0 and c["claims_no_video"]["acoustic"] > 0
     assert set(report["per_scenario"]) == {"both", "flat_voice", "no_video", "black_video"}
     assert report["per_scenario"]["both"]["counts"]["n"] == 3
+    # a scenario of absence: no clip carries visual cues, the absence measure stands alone
+    no_video = report["per_scenario"]["no_video"]["metrics"]
+    assert no_video["F_absent_visual"] == 1.0 and no_video["F_visual"] is None
     assert len(report["examples"]) == 3 and report["examples"][0]["full"] == texts["full"][0]
     json.dumps(report)  # serialisable as it is
 
