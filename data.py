@@ -39,24 +39,30 @@ LINE_ERRORS = (UnicodeDecodeError, json.JSONDecodeError, RecursionError, DataErr
 class Manifest(list):
     """The loaded records. `.errors`: one "file:line: problem" message per skipped line;
     `.truncated_audio`: how many records have audio longer than the processor's window (None:
-    not counted, no window given)."""
+    not counted, no window given); `.no_media`: how many have neither video nor audio;
+    `.unknown_keys`: {key no code reads: records that have it}."""
 
     def __init__(self, items=(), errors=(), truncated_audio=None):
         super().__init__(items)
         self.errors = list(errors)
         self.truncated_audio = truncated_audio
+        self.no_media = sum(1 for rec in self if "video" not in rec and "audio" not in rec)
+        self.unknown_keys = Counter()
 
 
 # ---------------------------------------------------------------- 1. manifests
 def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
     """Records of a manifest: paths resolved, cues filled in, source = "file:line".
 
-    A line that is not UTF-8 JSON, lacks id or label, has a blank label or cue, holds text that
-    is not valid Unicode (a lone surrogate escape), repeats an id, names a missing or unreadable
-    file, or audio too short for an audio token (headers read when check_media; a synthetic cache
-    instead of the media files when it has one) is skipped into .errors (on_error="skip") or
-    raises DataError. audio_window: seconds the processor keeps (media.audio_window); records
-    with longer audio are counted into .truncated_audio and one warning.
+    A line that is not UTF-8 JSON, has a key that misspells a known one, lacks id or label, has
+    a blank label or cue, holds text that is not valid Unicode (a lone surrogate escape), repeats
+    an id, names a missing or unreadable file, a video without frames, float audio that is not
+    finite, or audio too short for an audio token (headers read when check_media; a synthetic
+    cache instead of the media files when it has one) is skipped into .errors (on_error="skip")
+    or raises DataError. Records with neither video nor audio, and keys no code reads, are
+    counted (.no_media, .unknown_keys) and warned of. audio_window: seconds the processor keeps
+    (media.audio_window); records with longer audio are counted into .truncated_audio and one
+    warning.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -70,7 +76,8 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
             text = line.decode("utf-8")
             if not text.strip():
                 continue
-            rec, samples = records.parse(json.loads(text), root, check_media)
+            value = json.loads(text)
+            rec, samples = records.parse(value, root, check_media)
             if rec["id"] in seen:
                 raise DataError(f"id {rec['id']!r} appears twice")
         except LINE_ERRORS as err:
@@ -81,10 +88,31 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None):
             continue
         seen.add(rec["id"])
         loaded.append(dict(rec, source=f"{path}:{n}"))
+        loaded.no_media += "video" not in rec and "audio" not in rec
+        loaded.unknown_keys.update(records.unknown_keys(value))
         lengths.append(samples)
     if audio_window is not None:
         loaded.truncated_audio = count_truncated(path, lengths, audio_window)
+    warn_unused(path, loaded)
     return loaded
+
+
+def warn_unused(path, loaded):
+    """One warning naming the manifest when records have no medium, one when keys are unread."""
+    if loaded.no_media:
+        warnings.warn(
+            f"{path}: {loaded.no_media} of {len(loaded)} records have neither video nor audio "
+            "(text alone reaches the model)",
+            stacklevel=3,
+        )
+    if loaded.unknown_keys:
+        warnings.warn(f"{path}: {unknown_text(loaded)}", stacklevel=3)
+
+
+def unknown_text(loaded):
+    """ "keys no code reads: speaker (12 records), ..." of a Manifest."""
+    counts = [f"{key} ({n} records)" for key, n in sorted(loaded.unknown_keys.items())]
+    return f"keys no code reads: {', '.join(counts)}"
 
 
 def read_lines(path):
@@ -142,6 +170,7 @@ def check(path, on_error="skip", audio_window=None):
     .truncated_audio counts the decoded audio longer than audio_window seconds."""
     loaded = load_manifest(path, on_error)
     readable = Manifest(errors=loaded.errors)
+    readable.unknown_keys = loaded.unknown_keys
     lengths = []
     for rec in tqdm(loaded, desc="decoding", unit="clip"):
         try:
@@ -154,6 +183,7 @@ def check(path, on_error="skip", audio_window=None):
         readable.append(rec)
     if audio_window is not None:
         readable.truncated_audio = count_truncated(path, lengths, audio_window)
+    readable.no_media = sum(1 for rec in readable if "video" not in rec and "audio" not in rec)
     return readable
 
 
@@ -193,11 +223,15 @@ class Args:
 
 def summarise(path, on_error, audio_window):
     """Check a manifest (check) and print its record count, every failing line or record, the
-    truncated-audio count, and its label, scenario, media and cue counts. Return whether every
-    line and record passed."""
+    truncated-audio count, the records without media, the keys no code reads, and its label,
+    scenario, media and cue counts. Return whether every line and record passed and has a
+    medium."""
     recs = check(path, on_error, audio_window)
     print(f"{path}: {len(recs)} records, {len(recs.errors)} skipped", *recs.errors, sep="\n  ")
     print(f"audio longer than the {audio_window:g} s window (truncated): {recs.truncated_audio}")
+    print(f"records with neither video nor audio: {recs.no_media}")
+    if recs.unknown_keys:
+        print(unknown_text(recs))
     print("labels:", dict(Counter(str(r["label"]) for r in recs)))
     print("scenarios:", dict(Counter(r.get("scenario", "-") for r in recs)))
     print("media:", dict(Counter(_media_present(r) for r in recs)))
@@ -212,7 +246,7 @@ def summarise(path, on_error, audio_window):
         shape = None if video is None else tuple(video.shape)
         seconds = None if audio is None else f"{len(audio) / media.SR:.2f} s"
         print(f"{rec['id']}: video {shape}, audio {seconds}")
-    return not recs.errors
+    return not recs.errors and not recs.no_media
 
 
 def _media_present(record):

@@ -2,15 +2,28 @@
 
 data.load_manifest reads a manifest's lines and hands each parsed JSON value to `parse`; every
 problem is a DataError whose message data.py prefixes with the file and line. What is checked:
-the fields' types, a non-blank label and cue phrases, text that is valid Unicode, media files
-that exist, and (when asked) their headers and an audio long enough for an audio token.
+no key that misspells a known one (`video_path` for `video`), the fields' types, a non-blank
+label and string cue phrases, text that is valid Unicode, media paths that are files, and (when
+asked) their headers and an audio long enough for an audio token.
 """
 
-from pathlib import Path
+import difflib
+import errno
+import json
+import os
+import stat
 
 from corpora.decompose import CUE_KINDS, decompose_cues
 from thinker import media
 from thinker.media import DataError
+
+# the keys a record may have (docs/method.md, section 8); the synthetic world adds the last three
+KNOWN = ("id", "label", "video", "audio", "subtitle", "reasoning", "cues", "valence")
+KNOWN += ("cache", "scenario", "render")
+# a key this close to a known key the record lacks is that key misspelt (difflib's ratio); the
+# world's `render` is left out: "gender" or "end" would resemble it
+NEAR = 0.6
+MEANT = tuple(key for key in KNOWN if key != "render")
 
 
 def parse(rec, root, check_media):
@@ -19,6 +32,7 @@ def parse(rec, root, check_media):
     check_media off)."""
     if not isinstance(rec, dict):
         raise DataError(f"a record must be a JSON object, got {type(rec).__name__}")
+    _misspelt(rec)
     bad = _not_unicode(rec)
     if bad is not None:
         raise DataError(f"field {bad} holds a lone surrogate escape, which is not Unicode text")
@@ -37,7 +51,10 @@ def parse(rec, root, check_media):
     for key in ("video", "audio", "cache"):
         if not isinstance(rec.get(key) or "", str):
             raise DataError(f"{key} must be a path, got {rec[key]!r}")
-    rec = dict(rec, id=str(rec["id"]), subtitle=str(rec.get("subtitle") or ""))
+    subtitle = rec.get("subtitle")
+    if subtitle is not None and not isinstance(subtitle, str):
+        raise DataError(f"subtitle must be a string, got {json.dumps(subtitle)}")
+    rec = dict(rec, id=str(rec["id"]), subtitle=rec.get("subtitle") or "")
     # a missing cache is only a slower load: the media files are decoded instead
     cache = rec.get("cache")
     if cache and (root / cache).is_file():
@@ -49,12 +66,52 @@ def parse(rec, root, check_media):
             rec.pop(kind, None)
             continue
         rec[kind] = str(root / rec[kind])
-        if not Path(rec[kind]).is_file():
-            raise DataError(f"{kind} file {rec[kind]} not found")
+        problem = _not_a_file(rec[kind])
+        if problem:
+            raise DataError(f"{kind} file {rec[kind]} {problem}")
     samples = None
     if check_media:
         samples = _probe(rec)
     return dict(rec, cues=_cues(rec)), samples
+
+
+def unknown_keys(rec):
+    """The keys of a parsed record that no code reads."""
+    return [key for key in rec if key not in KNOWN]
+
+
+def _misspelt(rec, known=KNOWN, meant=MEANT, prefix=""):
+    """DataError naming the first unknown key of `rec` that resembles a key of `meant` it lacks."""
+    for key in rec:
+        if key in known:
+            continue
+        lacking = [name for name in meant if name not in rec]
+        close = difflib.get_close_matches(key.lower(), lacking, n=1, cutoff=NEAR)
+        if close:
+            raise DataError(
+                f"unknown key {prefix + key!r}: did you mean {prefix + close[0]!r}? "
+                f"(known keys: {', '.join(known)})"
+            )
+
+
+def _not_a_file(path):
+    """Why a media path is not a readable file ("not found", "is a directory", ...); None when
+    it is one."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    return None
 
 
 def _probe(rec):
@@ -84,10 +141,14 @@ def _cues(rec):
         cues = decompose_cues(rec.get("reasoning") or "")
     if not isinstance(cues, dict) or not all(isinstance(cues.get(k, []), list) for k in CUE_KINDS):
         raise DataError(f"cues must map {CUE_KINDS} to lists of phrases, got {cues!r}")
+    _misspelt(cues, CUE_KINDS, CUE_KINDS, "cues.")
     phrases = {}
     for kind in CUE_KINDS:
-        phrases[kind] = [str(cue) for cue in cues.get(kind, [])]
+        phrases[kind] = list(cues.get(kind, []))
         for i, phrase in enumerate(phrases[kind]):
+            # a null or a number would reach the prompt and the matcher as Python text
+            if not isinstance(phrase, str):
+                raise DataError(f"cue cues.{kind}[{i}] must be a string, got {json.dumps(phrase)}")
             # a blank cue can never be recovered
             if not phrase.strip():
                 raise DataError(f"cue cues.{kind}[{i}] is blank")
