@@ -27,7 +27,7 @@ import reward
 import rollout
 from matching.matcher import Matcher
 from metrics import perception, recognition, report
-from runtime import parallel
+from runtime import parallel, preflight
 from thinker import batching, model, scoring
 
 # each run of a record: the modality its input has masked
@@ -221,10 +221,18 @@ def evaluate_model(args):
     """The report of the policy --model on the manifest --data, under torchrun on every rank."""
     # under torchrun each rank answers its shard; the group follows train.py's device rule
     _, _, device = parallel.init()
-    # on_error="raise": a DataError names file:line
-    records = data.load_manifest(args.data, on_error="raise")[: args.limit or None]
+    # on_error="raise": a DataError names file:line; audio past the processor's window is counted
+    window = preflight.audio_window(args.model)
+    loaded = data.load_manifest(args.data, on_error="raise", audio_window=window)
+    records = loaded[: args.limit or None]
     if not records:
         sys.exit(f"eval.py: --data {args.data}: the manifest holds no records")
+    if loaded.truncated_audio and dist.get_rank() == 0:
+        print(
+            f"eval.py: --data {args.data}: {loaded.truncated_audio} of {len(loaded)} records have "
+            f"audio longer than the processor's {window:g} s window; only their first "
+            f"{window:g} s are heard"
+        )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy, processor = model.load_policy(args.model, dtype=dtype)
     wheels = recognition.load_wheels(args.wheels) if args.wheels else None
@@ -244,6 +252,7 @@ def evaluate_model(args):
         wheels=wheels,
     )
     result["settings"].update(model=str(args.model), data=str(args.data))
+    result["settings"]["truncated_audio"] = loaded.truncated_audio
     return result
 
 
@@ -260,6 +269,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             for flag, path in (("--out", args.out), ("--plot", args.plot)):
                 problem = report.unwritable(path) if path else None
+                if flag == "--plot" and path and not problem:
+                    problem = report.unplottable(path)
                 if problem:
                     parser.error(f"{flag} {path} {problem}")
         try:
