@@ -119,7 +119,8 @@ def test_the_synthetic_worlds_cached_inputs_are_unchanged(manifest_world, proces
     _, recs = manifest_world
     with_video = [r for r in recs if "video" in r][:6]
     clips = [media.load_clip(r, 4) for r in with_video]
-    assert all(torch.equal(c.times, torch.tensor([0.0, 0.5, 1.0, 1.5])) for c in clips)
+    want = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.float64)
+    assert all(torch.equal(c.times, want) for c in clips)
     batch = batching.encode(processor, with_video, frames=4)
     at_default = batching.encode(processor, with_video, [(c.video, c.audio) for c in clips])
     assert batch.keys() == at_default.keys()

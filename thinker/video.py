@@ -62,7 +62,8 @@ def times(path):
         indexed = _index(box, stream)
         if indexed is None:
             return None
-        return torch.tensor([float(pts * stream.time_base) for pts in indexed[0]])
+        seconds = [float(pts * stream.time_base) for pts in indexed[0]]
+        return torch.tensor(seconds, dtype=torch.float64)
 
 
 def count_frames(path):
