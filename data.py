@@ -17,12 +17,9 @@ dfew, mer (MER2023/2024), emer (EMER, MERR, MER-Caption+ reasoning); each writes
 label space beside them (labels.json, corpora/labels.py), which --check and training read.
 """
 
-import codecs
-import gzip
 import json
 import sys
 import warnings
-import zlib
 from argparse import RawDescriptionHelpFormatter
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,30 +42,36 @@ class Manifest(list):
     """The loaded records. `.errors`: one "file:line: problem" message per skipped line;
     `.truncated_audio`: how many records have audio longer than the processor's window (None:
     not counted, no window given); `.labels`: the label space its labels were read in (None:
-    as written)."""
+    as written); `.no_media`: how many have neither video nor audio; `.unknown_keys`: {key no
+    code reads: records that have it}."""
 
     def __init__(self, items=(), errors=(), truncated_audio=None, labels=None):
         super().__init__(items)
         self.errors = list(errors)
         self.truncated_audio = truncated_audio
         self.labels = labels
+        self.no_media = sum(1 for rec in self if "video" not in rec and "audio" not in rec)
+        self.unknown_keys = Counter()
 
 
 # ---------------------------------------------------------------- 1. manifests
 def load_manifest(path, on_error="skip", check_media=True, audio_window=None, labels=None):
     """Records of a manifest: paths resolved, cues filled in, source = "file:line".
 
-    A line that is not UTF-8 JSON, lacks id or label, has a blank label or cue, holds text that
-    is not valid Unicode (a lone surrogate escape), repeats an id, names a missing or unreadable
-    file, or audio too short for an audio token (headers read when check_media; a synthetic cache
-    instead of the media files when it has one) is skipped into .errors (on_error="skip") or
-    raises DataError. audio_window: seconds the processor keeps (media.audio_window); records
-    with longer audio are counted into .truncated_audio and one warning. labels: a label space
-    (corpora/labels.py) the labels are written in; a label outside a closed one is a bad line.
+    A line that is not UTF-8 JSON, has a key that misspells a known one, lacks id or label, has
+    a blank label or cue, holds text that is not valid Unicode (a lone surrogate escape), repeats
+    an id, names a missing or unreadable file, a video without frames, float audio that is not
+    finite, or audio too short for an audio token (headers read when check_media; a synthetic
+    cache instead of the media files when it has one) is skipped into .errors (on_error="skip")
+    or raises DataError. Records with neither video nor audio, and keys no code reads, are
+    counted (.no_media, .unknown_keys) and warned of. audio_window: seconds the processor keeps
+    (media.audio_window); records with longer audio are counted into .truncated_audio and one
+    warning. labels: a label space (corpora/labels.py) the labels are written in; a label
+    outside a closed one is a bad line.
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-    lines = read_lines(path)
+    lines = records.read_lines(path)
     root = Path(path).parent
     loaded = Manifest(labels=labels)
     seen = set()
@@ -78,43 +81,43 @@ def load_manifest(path, on_error="skip", check_media=True, audio_window=None, la
             text = line.decode("utf-8")
             if not text.strip():
                 continue
-            rec, samples = records.parse(json.loads(text), root, check_media, labels)
+            value = json.loads(text)
+            rec, samples = records.parse(value, root, check_media, labels)
             if rec["id"] in seen:
                 raise DataError(f"id {rec['id']!r} appears twice")
         except LINE_ERRORS as err:
-            message = f"{path}:{n}: {_problem(err)}"
+            message = f"{path}:{n}: {records.problem(err)}"
             if on_error == "raise":
                 raise DataError(message) from None
             loaded.errors.append(message)
             continue
         seen.add(rec["id"])
         loaded.append(dict(rec, source=f"{path}:{n}"))
+        loaded.no_media += "video" not in rec and "audio" not in rec
+        loaded.unknown_keys.update(records.unknown_keys(value))
         lengths.append(samples)
     if audio_window is not None:
         loaded.truncated_audio = count_truncated(path, lengths, audio_window)
+    warn_unused(path, loaded)
     return loaded
 
 
-def read_lines(path):
-    """A manifest's lines as bytes (line n at index n - 1), a leading UTF-8 byte-order mark
-    dropped; gunzipped when the name ends in .gz. Raise DataError naming the file when it is
-    missing, unreadable, not gzip, UTF-16 or empty."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: manifest not found")
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DataError(f"{path}: cannot read the manifest ({err})") from None
-    # a UTF-16 or UTF-32 byte-order mark
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise DataError(f"{path}: the manifest is UTF-16 or UTF-32 text, not UTF-8")
-    raw = raw.removeprefix(codecs.BOM_UTF8)
-    if not raw.strip():
-        raise DataError(f"{path}: the manifest is empty")
-    return raw.split(b"\n")
+def warn_unused(path, loaded):
+    """One warning naming the manifest when records have no medium, one when keys are unread."""
+    if loaded.no_media:
+        warnings.warn(
+            f"{path}: {loaded.no_media} of {len(loaded)} records have neither video nor audio "
+            "(text alone reaches the model)",
+            stacklevel=3,
+        )
+    if loaded.unknown_keys:
+        warnings.warn(f"{path}: {unknown_text(loaded)}", stacklevel=3)
+
+
+def unknown_text(loaded):
+    """ "keys no code reads: speaker (12 records), ..." of a Manifest."""
+    counts = [f"{key} ({n} records)" for key, n in sorted(loaded.unknown_keys.items())]
+    return f"keys no code reads: {', '.join(counts)}"
 
 
 def count_truncated(path, lengths, audio_window):
@@ -131,17 +134,6 @@ def count_truncated(path, lengths, audio_window):
     return truncated
 
 
-def _problem(err):
-    """What is wrong with a manifest line, from the error its parsing raised."""
-    if isinstance(err, UnicodeDecodeError):
-        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1})"
-    if isinstance(err, json.JSONDecodeError):
-        return f"not JSON ({err.msg}, column {err.colno})"
-    if isinstance(err, RecursionError):
-        return "not JSON (nested too deeply)"
-    return str(err)
-
-
 # ---------------------------------------------------------------- 2. the full check
 def check(path, on_error="skip", audio_window=None, labels=None):
     """Load a manifest (load_manifest), then decode every record as training reads it
@@ -150,6 +142,7 @@ def check(path, on_error="skip", audio_window=None, labels=None):
     .truncated_audio counts the decoded audio longer than audio_window seconds."""
     loaded = load_manifest(path, on_error, labels=labels)
     readable = Manifest(errors=loaded.errors, labels=labels)
+    readable.unknown_keys = loaded.unknown_keys
     lengths = []
     for rec in tqdm(loaded, desc="decoding", unit="clip"):
         try:
@@ -162,6 +155,7 @@ def check(path, on_error="skip", audio_window=None, labels=None):
         readable.append(rec)
     if audio_window is not None:
         readable.truncated_audio = count_truncated(path, lengths, audio_window)
+    readable.no_media = sum(1 for rec in readable if "video" not in rec and "audio" not in rec)
     return readable
 
 
@@ -217,11 +211,15 @@ def coverage(recs):
 
 def summarise(path, on_error, audio_window, space):
     """Check a manifest (check) and print its record count, every failing line or record, the
-    truncated-audio count, its label space, and its label, scenario, media, reasoning and cue
-    counts. Return whether every line and record passed."""
+    truncated-audio count, the records without media, the keys no code reads, its label space,
+    and its label, scenario, media, reasoning and cue counts. Return whether every line and
+    record passed and has a medium."""
     recs = check(path, on_error, audio_window, space)
     print(f"{path}: {len(recs)} records, {len(recs.errors)} skipped", *recs.errors, sep="\n  ")
     print(f"audio longer than the {audio_window:g} s window (truncated): {recs.truncated_audio}")
+    print(f"records with neither video nor audio: {recs.no_media}")
+    if recs.unknown_keys:
+        print(unknown_text(recs))
     print(f"label space: {space.name}, from {space.source or 'the code (no labels file)'}")
     print("labels:", dict(Counter(str(r["label"]) for r in recs)))
     print("scenarios:", dict(Counter(r.get("scenario", "-") for r in recs)))
@@ -238,7 +236,7 @@ def summarise(path, on_error, audio_window, space):
         shape = None if video is None else tuple(video.shape)
         seconds = None if audio is None else f"{len(audio) / media.SR:.2f} s"
         print(f"{rec['id']}: video {shape}, audio {seconds}")
-    return not recs.errors
+    return not recs.errors and not recs.no_media
 
 
 def label_space(path, manifest):

@@ -32,8 +32,8 @@ import rollout
 from corpora import labels as label_spaces
 from matching.matcher import Matcher
 from metrics import perception, recognition, report
-from runtime import eval_flags, parallel, rundir
-from thinker import batching, model, scoring
+from runtime import eval_flags, parallel, preflight, rundir
+from thinker import batching, encoders, model, scoring
 
 # each run of a record: the modality its input has masked
 MASKS = {"full": None, "no_video": "video", "no_audio": "audio"}
@@ -183,7 +183,7 @@ def answer(policy, processor, records, batch_size, frames, progress, sampling):
 def answer_batch(policy, processor, inputs, sampling):
     """{"greedy": one completion per record, "sampled": K of them per record (empty lists when
     K = 0)} of a processed batch on the policy's device."""
-    video = scoring.encode_video(policy, inputs)
+    video = encoders.encode_video(policy, inputs)
     K = sampling["samples"]
     generate = dict(max_new_tokens=sampling["max_new_tokens"])
     # G = 1: one row a record
@@ -194,7 +194,7 @@ def answer_batch(policy, processor, inputs, sampling):
     if K:
         generate.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
         # K rows a record, record b's rows b * K to b * K + K - 1
-        rows = scoring.expand(inputs, K, video, scoring.encode_audio(policy, inputs))
+        rows = scoring.expand(inputs, K, video, encoders.encode_audio(policy, inputs))
         _, _, texts = rollout.generate(policy, processor, rows, **generate)
         sampled = [texts[b * K : (b + 1) * K] for b in range(len(greedy))]
     return {"greedy": greedy, "sampled": sampled}
@@ -206,10 +206,18 @@ def evaluate_model(args):
     # under torchrun each rank answers its shard; the group follows train.py's device rule
     _, _, device = parallel.init()
     space = data.label_space(args.labels, args.data)
-    # on_error="raise": a DataError names file:line
-    records = data.load_manifest(args.data, on_error="raise", labels=space)[: args.limit or None]
+    # on_error="raise": a DataError names file:line; audio past the processor's window is counted
+    window = preflight.audio_window(args.model)
+    loaded = data.load_manifest(args.data, on_error="raise", audio_window=window, labels=space)
+    records = loaded[: args.limit or None]
     if not records:
         sys.exit(f"eval.py: --data {args.data}: the manifest holds no records")
+    if loaded.truncated_audio and dist.get_rank() == 0:
+        print(
+            f"eval.py: --data {args.data}: {loaded.truncated_audio} of {len(loaded)} records have "
+            f"audio longer than the processor's {window:g} s window; only their first "
+            f"{window:g} s are heard"
+        )
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     policy, processor = model.load_policy(args.model, dtype=dtype)
     wheels = recognition.load_wheels(args.wheels) if args.wheels else None
@@ -231,6 +239,7 @@ def evaluate_model(args):
         labels=space,
     )
     result["settings"].update(model=str(args.model), data=str(args.data))
+    result["settings"]["truncated_audio"] = loaded.truncated_audio
     return result
 
 
@@ -250,6 +259,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             for flag, path in (("--out", args.out), ("--plot", args.plot)):
                 problem = report.unwritable(path) if path else None
+                if flag == "--plot" and path and not problem:
+                    problem = report.unplottable(path)
                 if problem:
                     parser.error(f"{flag} {path} {problem}")
         try:

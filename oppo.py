@@ -19,7 +19,7 @@ from torch import Tensor
 
 import perception_loss
 from runtime import parallel
-from thinker import microbatch, scoring
+from thinker import encoders, microbatch, scoring
 from variants import masked_grad
 
 AGGREGATIONS = ("token-mean", "seq-mean")
@@ -219,12 +219,12 @@ def update(args, policy, roll, adv, evidence):
 # Eq. (12)
 def microbatch_loss(args, policy, roll, adv, evidence, counts, c0, c1):
     """L of clips [c0, c1) and their G rows each, with gradient: (loss, parts, the passes'
-    thinker.scoring.Towers). counts: global (tokens, sequences, e^v tokens, e^a tokens)."""
+    thinker.encoders.Towers). counts: global (tokens, sequences, e^v tokens, e^a tokens)."""
     n_tok, n_seq, n_v, n_a = counts
     rows = slice(c0 * roll.G, c1 * roll.G)
     mask = roll.completion_mask[rows].float()  # (n, C)
     clips = microbatch.clips(policy, roll.media, c0, c1, roll.positions)
-    towers = [scoring.encode_media(policy, clips.batch)]
+    towers = [encoders.encode_media(policy, clips.batch)]
     inputs = scoring.expand(clips.batch, roll.G, towers[0].video, towers[0].audio, clips.positions)
     logp = scoring.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C)
     ref_logp = roll.ref_logp[rows] if args.beta > 0 else None  # (n, C)

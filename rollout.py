@@ -27,7 +27,7 @@ import torch.distributed as dist
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from runtime import parallel
-from thinker import batching, microbatch, scoring
+from thinker import batching, encoders, microbatch, scoring
 
 STOP = "</answer>"
 MEDIA_TOKENS = (
@@ -133,8 +133,8 @@ def rollout(
     """
     start = time.perf_counter()
     with parallel.unsharded(policy), sampling_mode(policy):
-        video = scoring.encode_video(policy, media)
-        audio = scoring.encode_audio(policy, media)
+        video = encoders.encode_video(policy, media)
+        audio = encoders.encode_audio(policy, media)
         inputs = scoring.expand(media, G, video, audio)
         ids, mask, texts = generate(policy, processor, inputs, temperature, top_p, max_new_tokens)
     # each clip's record for each of its G rows
@@ -167,8 +167,8 @@ def reference_logprobs(ref, roll, micro_batch=None):
     G = roll.G
     out = []
     with parallel.unsharded(ref):
-        video = scoring.encode_video(ref, roll.media)
-        audio = scoring.encode_audio(ref, roll.media)
+        video = encoders.encode_video(ref, roll.media)
+        audio = encoders.encode_audio(ref, roll.media)
         for c0, c1 in microbatch.ranges(len(roll.media["input_ids"]), micro_batch):
             clips = microbatch.clips(ref, roll.media, c0, c1, roll.positions, video, audio)
             inputs = scoring.expand(clips.batch, G, clips.video, clips.audio, clips.positions)
@@ -215,9 +215,9 @@ def masked_rows_logprobs(policy, roll, masked, modality, need, micro_batch):
     video = roll.video
     audio = roll.audio
     if modality == "video":
-        video = scoring.encode_video(policy, masked)
+        video = encoders.encode_video(policy, masked)
     else:
-        audio = scoring.encode_audio(policy, masked)
+        audio = encoders.encode_audio(policy, masked)
     for c0, c1 in microbatch.ranges(len(masked["input_ids"]), micro_batch):
         # the rows of these clips to score, counted from the first row of clip c0
         rows = need[c0 * G : c1 * G].nonzero().squeeze(1)

@@ -26,9 +26,21 @@ import reward
 import rollout
 from matching.matcher import Matcher
 from metrics import report
-from runtime import checkpoint, config, flops, logs, optim, parallel, preflight, rundir
+from runtime import (
+    checkpoint,
+    config,
+    flops,
+    health,
+    logs,
+    optim,
+    parallel,
+    preempt,
+    preflight,
+    rundir,
+    validate,
+)
 from runtime.run_flags import parse_args
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 from variants import masked_grad, masked_rollout
 
 
@@ -54,7 +66,7 @@ def sft_step(args, policy, processor, recs, media):
     ids = tokens["input_ids"].to(device)  # (B, C)
     mask = tokens["attention_mask"].to(device)  # (B, C)
     (n_tok,) = parallel.global_sum(mask.sum())
-    towers = scoring.encode_media(policy, media)
+    towers = encoders.encode_media(policy, media)
     pos = scoring.positions(policy, media)
     inputs = scoring.expand(media, 1, towers.video, towers.audio, pos)
     logp = scoring.logprobs(policy, inputs, ids)  # (B, C)
@@ -102,6 +114,8 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, step, labels=N
         labels=labels,
     )
     clock.lap("reward")
+    # a non-finite reward part skips the step, named (runtime/health.py), instead of the run
+    total, nonfinite = health.finite_rewards(roll.records, total, parts)
     # 3. advantage, Eq. (5): a clip's G rows are all on this rank; the rewards come from the CPU
     rewards = total.to(roll.completion_ids.device)  # (N,)
     adv, adv_metrics = oppo.group_advantages(rewards, args.G, scale_std=args.scale_std)
@@ -116,9 +130,13 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, step, labels=N
     if args.masked_rollouts:
         masked = masked_rollout.run(args, policy, processor, matcher, recs, media, step)
     # 7. metrics of the step, for this rank's rows
-    return logs.oppo_metrics(
+    metrics = logs.oppo_metrics(
         args, policy, roll, (total, parts), evidence, clock, adv_metrics, loss_metrics, masked
     )
+    if nonfinite:
+        # the optimizer skips a step whose loss is not finite, on every rank
+        metrics.update(loss=float("nan"), nonfinite_rewards=nonfinite)
+    return metrics
 
 
 def find_evidence(args, policy, processor, roll, sims, step):
@@ -159,13 +177,13 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
     start = 0
     if args.resume:
         start = checkpoint.resume(out / "ckpt", policy, optimizer, schedule)
-    recs = preflight.stage_records(stage, manifests, policy, processor)
+    recs = preflight.stage_records(stage, args, manifests, policy, processor)
     rundir.start_stage(args, stage, start, recs, changes.get(stage), rank == 0)
     cache = {} if args.cache_inputs else None
     log = logs.Log(out / "log.jsonl", start, rank == 0, args.tensorboard)
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=stage, disable=rank != 0, initial=start, total=total_steps)
-    for step in bar:
+    for step in preempt.deferred(bar):
         began = time.perf_counter()
         batch = [recs[i] for i in clip_indices(len(recs), B, step, args.seed, rank, world)]
         encoded = batching.encode(processor, batch, cache=cache, frames=args.frames)
@@ -183,6 +201,9 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
             policy, optimizer, schedule, metrics["loss"], args.grad_clip
         )
         metrics = logs.finish_step(metrics, time.perf_counter() - began, lr, gnorm, finite)
+        problems = metrics.pop("nonfinite_rewards", [])
+        if not finite:
+            metrics["skip_reason"] = health.why_skipped(problems, batch, stage, step + 1)
         metrics.update(parallel.mean_metrics(metrics, world))
         # an int, after the mean over ranks that makes every number a float
         metrics["step"] = step + 1
@@ -194,7 +215,10 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
         if args.eval_every and (step + 1) % args.eval_every == 0:
             val_report = report_on(args, policy, processor, manifests["val"], matcher, False)
             log.write({"step": step + 1, "eval": report.summary(val_report)})
+        # a SIGTERM or SIGINT during the step: its checkpoint, then exit (runtime/preempt.py)
+        preempt.stop_if_asked(out, step + 1, policy, optimizer)
     log.close()
+    health.refuse_untrained(out / "log.jsonl", stage, total_steps)
     checkpoint.export(policy, processor, out / "final")
     return out / "final"
 
@@ -243,6 +267,7 @@ def report_on(args, policy, processor, records, matcher, progress=True):
 def main(args):
     rank, world, device = parallel.init()
     config.apply_profile(args, device)
+    validate.check(args, world)
     # ranks must sample different completions for their clips
     torch.manual_seed(args.seed + rank)
     preflight.require_manifests(args)
@@ -250,7 +275,7 @@ def main(args):
     # rewards, routing, eval's cue recovery
     matcher = Matcher(args.embedder or None, device=device)
     # before the first step: the output directory, the resumed arguments, every manifest
-    with rundir.locked(args.out):
+    with rundir.locked(args.out), preempt.handled():
         # the manifests first: they set the label space and the SFT steps of --sft_epochs
         manifests = preflight.load_manifests(args)
         changes = rundir.check_resume(args)

@@ -1,18 +1,72 @@
-"""One manifest line, parsed: its fields checked, media paths resolved, cues filled in.
+"""A manifest's lines, and one line parsed: its fields checked, media paths resolved, cues filled
+in.
 
-data.load_manifest reads a manifest's lines and hands each parsed JSON value to `parse`; every
+data.load_manifest reads a manifest's lines (`read_lines`) and hands each parsed JSON value to
+`parse`; every
 problem is a DataError whose message data.py prefixes with the file and line. What is checked:
-the fields' types, a non-blank label and cue phrases, text that is valid Unicode, media files
-that exist, and (when asked) their headers and an audio long enough for an audio token.
+no key that misspells a known one (`video_path` for `video`), the fields' types, a non-blank
+label and string cue phrases, text that is valid Unicode, media paths that are files, and (when
+asked) their headers and an audio long enough for an audio token.
 """
 
+import codecs
+import difflib
+import errno
+import gzip
+import json
+import os
+import stat
+import zlib
 from pathlib import Path
 
 from corpora.decompose import CUE_KINDS, decompose_cues
 from thinker import media
 from thinker.media import DataError
 
+# the keys a record may have (docs/method.md, section 8); the synthetic world adds the last four
+KNOWN = ("id", "label", "video", "audio", "subtitle", "reasoning", "cues", "valence")
+KNOWN += ("cache", "scenario", "subtitle_kind", "render")
+# a key this close to a known key the record lacks is that key misspelt (difflib's ratio); the
+# world's `render` is left out: "gender" or "end" would resemble it
+NEAR = 0.6
+MEANT = tuple(key for key in KNOWN if key != "render")
 
+
+# ---------------------------------------------------------------- a manifest's lines
+def read_lines(path):
+    """A manifest's lines as bytes (line n at index n - 1), a leading UTF-8 byte-order mark
+    dropped; gunzipped when the name ends in .gz. Raise DataError naming the file when it is
+    missing, unreadable, not gzip, UTF-16 or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found")
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read the manifest ({err})") from None
+    # a UTF-16 or UTF-32 byte-order mark
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise DataError(f"{path}: the manifest is UTF-16 or UTF-32 text, not UTF-8")
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    if not raw.strip():
+        raise DataError(f"{path}: the manifest is empty")
+    return raw.split(b"\n")
+
+
+def problem(err):
+    """What is wrong with a manifest line, from the error its parsing raised."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1})"
+    if isinstance(err, json.JSONDecodeError):
+        return f"not JSON ({err.msg}, column {err.colno})"
+    if isinstance(err, RecursionError):
+        return "not JSON (nested too deeply)"
+    return str(err)
+
+
+# ---------------------------------------------------------------- one line
 def parse(rec, root, check_media, space=None):
     """One parsed manifest line checked and completed, media paths resolved against `root`; and
     its audio's length in 16 kHz samples by the headers (None: no audio, not known, or
@@ -20,6 +74,7 @@ def parse(rec, root, check_media, space=None):
     the space names it, and a label outside a closed space is an error."""
     if not isinstance(rec, dict):
         raise DataError(f"a record must be a JSON object, got {type(rec).__name__}")
+    _misspelt(rec)
     bad = _not_unicode(rec)
     if bad is not None:
         raise DataError(f"field {bad} holds a lone surrogate escape, which is not Unicode text")
@@ -40,7 +95,10 @@ def parse(rec, root, check_media, space=None):
     for key in ("video", "audio", "cache"):
         if not isinstance(rec.get(key) or "", str):
             raise DataError(f"{key} must be a path, got {rec[key]!r}")
-    rec = dict(rec, id=str(rec["id"]), subtitle=str(rec.get("subtitle") or ""), label=label)
+    subtitle = rec.get("subtitle")
+    if subtitle is not None and not isinstance(subtitle, str):
+        raise DataError(f"subtitle must be a string, got {json.dumps(subtitle)}")
+    rec = dict(rec, id=str(rec["id"]), subtitle=rec.get("subtitle") or "", label=label)
     # a missing cache is only a slower load: the media files are decoded instead
     cache = rec.get("cache")
     if cache and (root / cache).is_file():
@@ -52,8 +110,9 @@ def parse(rec, root, check_media, space=None):
             rec.pop(kind, None)
             continue
         rec[kind] = str(root / rec[kind])
-        if not Path(rec[kind]).is_file():
-            raise DataError(f"{kind} file {rec[kind]} not found")
+        problem = _not_a_file(rec[kind])
+        if problem:
+            raise DataError(f"{kind} file {rec[kind]} {problem}")
     samples = None
     if check_media:
         samples = _probe(rec)
@@ -70,6 +129,45 @@ def _in_space(label, space):
             f"({classes}); add it to that space's synonyms or correct the label"
         )
     return space.canonical(label)
+
+
+def unknown_keys(rec):
+    """The keys of a parsed record that no code reads."""
+    return [key for key in rec if key not in KNOWN]
+
+
+def _misspelt(rec, known=KNOWN, meant=MEANT, prefix=""):
+    """DataError naming the first unknown key of `rec` that resembles a key of `meant` it lacks."""
+    for key in rec:
+        if key in known:
+            continue
+        lacking = [name for name in meant if name not in rec]
+        close = difflib.get_close_matches(key.lower(), lacking, n=1, cutoff=NEAR)
+        if close:
+            raise DataError(
+                f"unknown key {prefix + key!r}: did you mean {prefix + close[0]!r}? "
+                f"(known keys: {', '.join(known)})"
+            )
+
+
+def _not_a_file(path):
+    """Why a media path is not a readable file ("not found", "is a directory", ...); None when
+    it is one."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    return None
 
 
 def _probe(rec):
@@ -99,10 +197,14 @@ def _cues(rec):
         cues = decompose_cues(rec.get("reasoning") or "")
     if not isinstance(cues, dict) or not all(isinstance(cues.get(k, []), list) for k in CUE_KINDS):
         raise DataError(f"cues must map {CUE_KINDS} to lists of phrases, got {cues!r}")
+    _misspelt(cues, CUE_KINDS, CUE_KINDS, "cues.")
     phrases = {}
     for kind in CUE_KINDS:
-        phrases[kind] = [str(cue) for cue in cues.get(kind, [])]
+        phrases[kind] = list(cues.get(kind, []))
         for i, phrase in enumerate(phrases[kind]):
+            # a null or a number would reach the prompt and the matcher as Python text
+            if not isinstance(phrase, str):
+                raise DataError(f"cue cues.{kind}[{i}] must be a string, got {json.dumps(phrase)}")
             # a blank cue can never be recovered
             if not phrase.strip():
                 raise DataError(f"cue cues.{kind}[{i}] is blank")

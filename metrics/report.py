@@ -143,6 +143,18 @@ def unwritable(path):
     return None
 
 
+def unplottable(path):
+    """Why matplotlib cannot write a plot to `path` (its extension names no format it writes), or
+    None; a name without one is a PNG."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    extension = Path(path).suffix.lstrip(".").lower()
+    if not extension or extension in formats:
+        return None
+    return f"has the extension .{extension}, not one of {', '.join(sorted(formats))}"
+
+
 def load(path):
     """A report written by `save`; exits with a message naming the file when it is not one."""
     try:

@@ -4,14 +4,19 @@
   own shard, no gather), plus each rank's RNG state and the step, into `step_XXXXXXX.tmp/`, then
   renames the directory and rewrites `latest` (write, then rename: a process killed mid-write
   leaves the previous checkpoint as the one `latest` names, never a half-valid one).
+- `latest` is the checkpoint `latest` names; an empty pointer, or one naming a directory that is
+  gone, falls back to the newest complete checkpoint (with a warning) or raises CheckpointError
+  naming it.
 - `load` restores all of it, so a resumed run continues with the same next losses; `resume`
-  does so for a stage, learning-rate schedule included.
+  does so for a stage, learning-rate schedule included. A checkpoint of another model (a tensor
+  of another shape, or missing) is refused naming the tensor, before anything is read.
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
 """
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it and why."""
 
 
 def _rank():
@@ -72,22 +81,55 @@ def save(ckpt_dir, step, model, optim, keep=2):
 
 
 def latest(ckpt_dir):
-    """The directory `latest` names, or None when there is no complete checkpoint."""
+    """The newest complete checkpoint: the directory `latest` names; None when there is none. A
+    pointer that is empty or names a missing directory falls back to the newest complete
+    checkpoint, or raises CheckpointError naming it when there is none."""
     pointer = Path(ckpt_dir) / "latest"
     if not pointer.exists():
         return None
-    path = Path(ckpt_dir) / pointer.read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{pointer} names {path}, which does not exist: "
-            "the checkpoint directory was edited by hand?"
+    named = pointer.read_text().strip()
+    path = Path(ckpt_dir) / named
+    if named and path.is_dir():
+        return path
+    why = f"names {path}, which does not exist" if named else "is empty"
+    complete = sorted(p for p in Path(ckpt_dir).glob("step_*") if _complete(p))
+    if not complete:
+        raise CheckpointError(
+            f"{pointer} {why}, and {ckpt_dir} holds no complete checkpoint: remove {pointer} to "
+            "start the stage again"
         )
-    return path
+    warnings.warn(f"{pointer} {why}: resuming from {complete[-1]}, the newest complete one")
+    return complete[-1]
+
+
+def _complete(path):
+    """Whether `path` is a checkpoint `save` finished: renamed from .tmp, metadata written."""
+    return path.is_dir() and path.suffix != ".tmp" and (path / ".metadata").is_file()
+
+
+def check_shapes(path, model_state):
+    """CheckpointError unless the checkpoint at `path` holds every tensor of the model state dict
+    `model_state` (DTensors count by their global shape) at its shape."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for name, tensor in model_state.items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointError(
+                f"{path} is a checkpoint of another model: it has no tensor {name}; resume with "
+                "the --model and --init it was written with, or start a new --out"
+            )
+        if tuple(entry.size) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{path} is a checkpoint of another model shape: {name} is "
+                f"{tuple(entry.size)} there and {tuple(tensor.shape)} in this model; resume with "
+                "the --model and --init it was written with, or start a new --out"
+            )
 
 
 def load(path, model, optim):
     """Restore model, optimizer and this rank's RNG from `path`; returns the saved step."""
     msd, osd = get_state_dict(model, optim)
+    check_shapes(path, msd)
     # get_state_dict gives every parameter a blank optimizer state, but one that never had a
     # gradient (an unused embedding, a tower no clip reached yet) has none saved: leave it
     # without, as it was
@@ -138,10 +180,14 @@ def export(model, processor, out_dir):
 def resume(ckpt_dir, model, optim, sched):
     """Continue a stage from the last checkpoint in ckpt_dir: model, optimizer, RNG and the
     learning-rate schedule; returns the step to start from (0 without a checkpoint)."""
-    last = latest(ckpt_dir)
+    try:
+        last = latest(ckpt_dir)
+        start = 0 if last is None else load(last, model, optim)
+    except CheckpointError as err:
+        # as rundir.refuse says it: once, on rank 0
+        raise SystemExit(f"train.py: --resume: {err}" if _rank() == 0 else 1) from None
     if last is None:
         return 0
-    start = load(last, model, optim)
     sched.last_epoch = start - 1
     sched.step()
     return start

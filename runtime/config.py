@@ -1,12 +1,14 @@
-"""train.py's command line: the Args dataclass and the cpu and real profiles of defaults.
+"""train.py's command line: the Args dataclass, and the profile that fills its unset fields.
 
-A field left unset (None) takes the value of the run's profile: `cpu`, the tiny thinker on the
-synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni thinker on real
-data with the recipe of docs/method.md, section 6. Args inherits runtime/run_flags.py's flags.
+A field left unset (None) takes the value of the run's profile (runtime/profiles.py): `cpu`, the
+tiny thinker on the synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni
+thinker on real data with the recipe of docs/method.md, section 6. Args inherits
+runtime/run_flags.py's flags; runtime/validate.py checks every flag's value before the run starts.
 """
 
 from dataclasses import dataclass, field
 
+from runtime.profiles import CPU, REAL
 from runtime.run_flags import RunFlags
 
 
@@ -244,40 +246,14 @@ class Args(RunFlags):
             "save_every max_bad_records micro_batch activation_checkpointing cache_inputs"
         },
     )
-
-
-CPU = dict(
-    frames=4,
-    sft_steps=900,
-    sft_batch=16,
-    sft_lr=1e-3,
-    steps=120,
-    batch=4,
-    lr=1e-4,
-    warmup=30,
-    max_new_tokens=96,
-    micro_batch=4,
-    beta=0.0,
-    gamma=0.02,
-    eta=0.03,
-    cache_inputs=True,
-)
-REAL = dict(
-    frames=8,
-    sft_epochs=3,
-    sft_batch=64,
-    sft_lr=1e-5,
-    steps=500,
-    batch=64,
-    lr=1e-6,
-    warmup=10,
-    max_new_tokens=512,
-    micro_batch=1,
-    beta=0.04,
-    gamma=0.02,
-    eta=0.03,
-    cache_inputs=False,
-)
+    allow_changed_data: bool = field(
+        default=False,
+        metadata={
+            "help": "--resume refuses manifests whose content (bytes, or the size or modification "
+            "time of a medium a record names) changed since <out>/data.json was written; this "
+            "accepts them (printed, logged in <out>/run.jsonl)"
+        },
+    )
 
 
 def apply_profile(args, device):

@@ -67,7 +67,7 @@ def shard(policy, device="cpu", bf16=False, checkpointing=False):
     fully_shard(policy.model.visual, mp_policy=mp)
     fully_shard(policy.model.audio_tower, mp_policy=mp)
     fully_shard(policy, mp_policy=mp)
-    # the towers run outside forward (scoring.encode_video, scoring.encode_audio)
+    # the towers run outside forward (encoders.encode_video, encoders.encode_audio)
     register_fsdp_forward_method(policy, "get_video_features")
     register_fsdp_forward_method(policy, "get_audio_features")
     if dist.get_world_size() > 1:
@@ -102,11 +102,11 @@ def gather_towers(policy):
     through the backward until `reshard_after_step`.
 
     FSDP2 gathers a unit and reduces its gradient only on the ranks that run it, at the point of
-    the graph where they run it; so every rank runs both towers (thinker.scoring.encode_media), the
-    towers are gathered up front, in one order, and the root stays gathered: real media features
-    pass through the root's forward and blank ones do not, so the ranks would otherwise reach its
-    backward gathers at different times. The towers stay gathered after forward until the next
-    `unsharded` block sets them back.
+    the graph where they run it; so every rank runs both towers (thinker.encoders.encode_media),
+    the towers are gathered up front, in one order, and the root stays gathered: real media
+    features pass through the root's forward and blank ones do not, so the ranks would otherwise
+    reach its backward gathers at different times. The towers stay gathered after forward until
+    the next `unsharded` block sets them back.
     """
     policy.set_reshard_after_backward(False, recurse=False)
     for tower in (policy.model.visual, policy.model.audio_tower):
@@ -115,7 +115,7 @@ def gather_towers(policy):
 
 
 def backward(loss, *towers):
-    """loss.backward(), the loss joined by each pass's FSDP2 term (thinker.scoring.Towers:
+    """loss.backward(), the loss joined by each pass's FSDP2 term (thinker.encoders.Towers:
     `in_graph`, 0 x the output of a tower the rank's clips do not use), so that every rank's
     backward reaches both towers; the term is 0 in value and in gradient.
 

@@ -7,14 +7,19 @@ and never does long work it cannot save.
   loaded on rank 0 and sent to every rank, its labels read in the run's label space (--labels,
   else labels.json beside --data, else the built-in one); each one's records and skipped lines
   are printed; a manifest with more skipped lines than --max_bad_records, or no record at all,
-  refuses the run. Records whose audio is longer than the processor keeps are counted and
-  printed. The test report's path is checked writable with them. The train records without
+  refuses the run. Records whose audio is longer than the processor keeps, records with neither
+  video nor audio and keys no code reads are counted and printed. The test report's path is
+  checked writable with them, and their content is fingerprinted (runtime/fingerprint.py): a
+  --resume on changed data refuses unless --allow_changed_data. The train records without
   reasoning or cues are counted and printed (`coverage.py`), and --sft_epochs becomes steps.
-- `stage_records`: SFT records whose prompt text and target alone need more positions than the
-  model has refuse the run (their media's positions come on top).
+- `stage_records`: every prompt the run feeds the model must fit the model's positions with what
+  follows it (an SFT target, or --max_new_tokens sampled tokens), train records in each stage,
+  evaluated val and test records before the first; the records that do not are named.
 - `summary`: the counts, for `<out>/run.jsonl` and test_report.json.
 """
 
+import fcntl
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
@@ -22,7 +27,7 @@ from transformers import WhisperFeatureExtractor
 
 import data
 from metrics import report
-from runtime import coverage, logs, parallel, run_flags, rundir
+from runtime import coverage, fingerprint, logs, parallel, run_flags, rundir
 from thinker import batching, media
 
 # the flag of each split's manifest
@@ -63,10 +68,22 @@ def default_assets(args, master):
         from synthetic import tiny
 
         args.model = tiny.TINY_DIR
-        if master and not (Path(args.model) / "config.json").exists():
-            corpus = batching.corpus(data.load_manifest(args.data))
-            tiny.build_tiny(args.model, seed=0, corpus=corpus)
+        if master:
+            with building(args.model):
+                if not (Path(args.model) / "config.json").exists():
+                    corpus = batching.corpus(data.load_manifest(args.data))
+                    tiny.build_tiny(args.model, seed=0, corpus=corpus)
     dist.barrier()
+
+
+@contextmanager
+def building(folder):
+    """Hold `<folder>.lock` (an flock, waited for) through the block: of two runs building the
+    same default asset at once, the second waits, then finds it built."""
+    Path(folder).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{folder}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def needed(args):
@@ -109,6 +126,10 @@ def _load(args, space=None):
         counts = f"{len(manifest)} records, {len(skipped)} lines skipped"
         if manifest.truncated_audio:
             counts += f", {manifest.truncated_audio} with audio cut to the first {window:g} s"
+        if manifest.no_media:
+            counts += f", {manifest.no_media} with neither video nor audio"
+        if manifest.unknown_keys:
+            counts += f"; {data.unknown_text(manifest)}"
         print(f"train.py: {flag} {path}: {counts}", *skipped[:KEPT], sep="\n  ")
         quoted = "\n  ".join(skipped[:SHOWN])
         if not manifest:
@@ -125,7 +146,13 @@ def _load(args, space=None):
     problem = report.unwritable(test_report)
     if problem:
         return None, f"{test_report} {problem}"
-    return manifests, None
+    read = {f"--{FLAGS[split]}": (path, manifests[split]) for split, path in needed(args).items()}
+    changed, problem = fingerprint.check_and_record(
+        args.out, read, args.resume, args.allow_changed_data
+    )
+    if changed and not problem:
+        logs.log_event(args.out, {"event": "changed_data", "manifests": changed}, True)
+    return manifests, problem
 
 
 def audio_window(model_dir):
@@ -135,44 +162,55 @@ def audio_window(model_dir):
     return extractor.n_samples / media.SR
 
 
-def stage_records(stage, manifests, policy, processor):
-    """The records a stage trains on: the train manifest's. SFT trains on each record's prompt
-    followed by its target: SystemExit on every rank listing the records whose prompt text and
-    target tokens alone exceed the model's positions (max_position_embeddings)."""
-    records = manifests["train"]
-    if stage != "sft":
-        return records
+def stage_records(stage, args, manifests, policy, processor):
+    """The records a stage trains on: the train manifest's. Before it, SystemExit on every rank
+    naming the flag and the records (file:line) whose prompt text and what follows it exceed
+    the model's positions (max_position_embeddings): an SFT target in SFT, --max_new_tokens
+    sampled tokens in OPPO and in the evaluation (the val and test records evaluated, checked
+    before the first stage). Their media's positions come on top."""
     limit = policy.config.text_config.max_position_embeddings
-    problem = parallel.from_rank0(_too_long, records, processor, limit)
-    if problem:
-        rundir.refuse(problem)
-    return records
+    checked = [("data", manifests["train"], stage == "sft")]
+    if stage == args.stages.split(",")[0]:
+        for split in ("val", "test"):
+            if split in manifests:
+                evaluated = manifests[split][: args.eval_limit or None]
+                checked.append((FLAGS[split], evaluated, False))
+    for flag, records, sft in checked:
+        problem = parallel.from_rank0(_too_long, flag, records, processor, limit, sft, args)
+        if problem:
+            rundir.refuse(problem)
+    return manifests["train"]
 
 
-def _too_long(records, processor, limit):
-    """Why some records are too long for SFT, or None; rank 0."""
+def _too_long(flag, records, processor, limit, sft, args):
+    """Why some records' prompts and what follows them (an SFT target when `sft`, else
+    --max_new_tokens) exceed `limit` positions, or None; rank 0."""
     prompts = []
     for rec in records:
         chat = batching.messages(rec, "video" in rec, "audio" in rec)
         prompts.append(
             processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         )
-    # as train.sft_step tokenizes them
-    targets = [batching.target_text(rec) + "<|im_end|>" for rec in records]
     tok = processor.tokenizer
     prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-    target_ids = tok(targets, add_special_tokens=False)["input_ids"]
+    following = [args.max_new_tokens] * len(records)
+    if sft:
+        # as train.sft_step tokenizes them
+        targets = [batching.target_text(rec) + "<|im_end|>" for rec in records]
+        following = [len(ids) for ids in tok(targets, add_special_tokens=False)["input_ids"]]
     over = []
-    for rec, prompt, target in zip(records, prompt_ids, target_ids):
-        if len(prompt) + len(target) > limit:
-            over.append(f"{rec['source']}: {len(prompt)} prompt + {len(target)} target tokens")
+    for rec, prompt, after in zip(records, prompt_ids, following):
+        if len(prompt) + after > limit:
+            after_text = f"{after} target tokens" if sft else f"{after} sampled (--max_new_tokens)"
+            over.append(f"{rec['source']}: {len(prompt)} prompt + {after_text}")
     if not over:
         return None
     quoted = "\n  ".join(over[:SHOWN])
+    purpose = "for SFT" if sft else "to sample from"
     return (
-        f"--data: {len(over)} records need more positions than the model's {limit} "
-        f"(max_position_embeddings) for SFT, before their media's; the first:\n  {quoted}\n"
-        "shorten their reasoning, or leave them out of the manifest"
+        f"--{flag}: {len(over)} records need more positions than the model's {limit} "
+        f"(max_position_embeddings) {purpose}, before their media's; the first:\n  {quoted}\n"
+        "shorten their subtitle or reasoning, or leave them out of the manifest"
     )
 
 

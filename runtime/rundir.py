@@ -30,6 +30,7 @@ EXEMPT = {
     "out",
     "resume",
     "allow_changed_args",
+    "allow_changed_data",
     "max_bad_records",
     "stages",
     "profile",
@@ -196,7 +197,10 @@ def resume_changes(args, stages):
     refusals = []
     for stage in stages:
         out = Path(args.out) / stage
-        started = checkpoint.latest(out / "ckpt")
+        try:
+            started = checkpoint.latest(out / "ckpt")
+        except checkpoint.CheckpointError as err:
+            return {}, f"--resume: {err}"
         record = out / "args.json"
         if started is None or not record.exists():
             continue

@@ -35,6 +35,7 @@ and says is planned by synthetic/plan.py.
     python -m synthetic.world --out runs/synth        # 2000 / 200 / 200 clips
 """
 
+import fcntl
 import json
 import time
 from argparse import ArgumentDefaultsHelpFormatter, RawDescriptionHelpFormatter
@@ -182,21 +183,26 @@ DEFAULTS = dict(
 
 
 def ensure_world(out_dir="runs/synth", **knobs):
-    """The world in out_dir, generated only when absent or made with other knobs (DEFAULTS)."""
+    """The world in out_dir, generated only when absent or made with other knobs (DEFAULTS), under
+    an flock of `<out_dir>/.build.lock`."""
     knobs = {**DEFAULTS, **knobs}
     # as world.json records it
     knobs["held_out"] = list(knobs["held_out"])
     # the process count does not change the files
     recorded = {k: v for k, v in knobs.items() if k != "workers"}
     want = dict(version=VERSION, **recorded)
-    try:
-        have = json.loads((Path(out_dir) / "world.json").read_text())
-    except (OSError, ValueError):
-        have = None
-    paths = {s: Path(out_dir) / f"{s}.jsonl" for s in SPLITS}
-    if have == want and all(path.exists() for path in paths.values()):
-        return paths
-    return make_world(out_dir, **knobs)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    # two runs that find the world absent at once: the second waits for the first's build
+    with open(Path(out_dir) / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            have = json.loads((Path(out_dir) / "world.json").read_text())
+        except (OSError, ValueError):
+            have = None
+        paths = {s: Path(out_dir) / f"{s}.jsonl" for s in SPLITS}
+        if have == want and all(path.exists() for path in paths.values()):
+            return paths
+        return make_world(out_dir, **knobs)
 
 
 # ---------------------------------------------------------------- command line

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import data
 import rollout
 from runtime import parallel
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 from thinker.media import load_media
 
 tiny, world_dir, out = sys.argv[1:4]
@@ -44,8 +44,8 @@ need_a = torch.arange(6) % (2 - rank) == 0
 some = rollout.masked_logprobs(policy, roll, need_v, need_a, micro_batch=4)
 # and rank r stops after 4 + 4r tokens; synced_gpus keeps the collectives in step
 with torch.no_grad():
-    video = scoring.encode_video(policy, media)
-    audio = scoring.encode_audio(policy, media)
+    video = encoders.encode_video(policy, media)
+    audio = encoders.encode_audio(policy, media)
     inputs = scoring.expand(media, 1, video, audio)
 with parallel.unsharded(policy):
     ids, _, _ = rollout.generate(policy, processor, inputs, max_new_tokens=4 + 4 * rank)

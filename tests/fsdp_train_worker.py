@@ -5,7 +5,7 @@
     # rank r takes clips r::2
     torchrun --nproc_per_node=2 fsdp_train_worker.py TINY_DIR SYNTH_DIR OUT.pt
 
-Under FSDP2 every rank must run every unit (thinker.scoring.encode_media); this saves, per batch,
+Under FSDP2 every rank must run every unit (thinker.encoders.encode_media); this saves, per batch,
 the full gradient of every parameter, which must equal the 1-process gradient of the same
 global batch.
 Under torchrun it then runs one OPPO step (plain GRPO, micro-batches of one clip) on such clips.

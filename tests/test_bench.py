@@ -24,11 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import rollout  # noqa: E402
 from runtime import flops  # noqa: E402
-from thinker import (
-    batching,  # noqa: E402
-    model,  # noqa: E402
-    scoring,  # noqa: E402
-)
+from thinker import batching, encoders, model, scoring  # noqa: E402
 from tools import bench, measure, shapes  # noqa: E402
 
 # clips, completions per clip, completion tokens, tokens in the generate levers
@@ -259,7 +255,7 @@ def fsdp_worker(out, b, g, tokens):
     policy.generation_config.min_new_tokens = tokens
     with torch.no_grad():
         inputs = scoring.expand(
-            media, g, scoring.encode_video(policy, media), scoring.encode_audio(policy, media)
+            media, g, encoders.encode_video(policy, media), encoders.encode_audio(policy, media)
         )
 
     def gen(unshard):

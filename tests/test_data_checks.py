@@ -81,12 +81,17 @@ def test_check_decodes_every_record_and_names_each_that_fails(manifest_world, tm
             {"id": "nan", "label": "sad", "audio": "nan.wav"},
         ],
     )
-    # The load reads headers only: the cut video and the zeroed cache pass it.
+    # The load reads headers (and float audio) only: the cut video and the zeroed cache pass it.
     loaded = data.load_manifest(path)
-    assert [r["id"] for r in loaded] == ["ok", "cut", "zeroed", "nan"]
+    assert [r["id"] for r in loaded] == ["ok", "cut", "zeroed"]
     garbled = tmp_path / "garbled.safetensors"
-    assert len(loaded.errors) == 1
+    assert len(loaded.errors) == 2
     assert loaded.errors[0].startswith(f"{path}:4: cache file {garbled} is corrupt")
+    nan = tmp_path / "nan.wav"
+    assert (
+        loaded.errors[1]
+        == f"{path}:5: audio of {nan} is not finite (NaN or infinity at sample 400)"
+    )
     with pytest.raises(SystemExit) as stopped:
         data.main(["--check", str(path)])
     assert stopped.value.code == 1
@@ -97,9 +102,7 @@ def test_check_decodes_every_record_and_names_each_that_fails(manifest_world, tm
     zeroed = failure_line(out, path, 3)
     assert f"cache file {tmp_path / 'zeroed.safetensors'} (record 'zeroed') differ" in zeroed
     assert "corrupt" in failure_line(out, path, 4)
-    assert f"audio of {tmp_path / 'nan.wav'} (record 'nan') is not finite" in failure_line(
-        out, path, 5
-    )
+    assert f"audio of {nan} is not finite" in failure_line(out, path, 5)
     # A cache corrupted after the load stops training with its file, line and record named.
     (tmp_path / "c.safetensors").write_bytes(b"garbage" + cache[7:])
     with pytest.raises(data.DataError) as raised:

@@ -20,7 +20,7 @@ from corpora import labels
 from matching.matcher import Matcher, Sim
 from metrics import perception
 from runtime import config
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 
 TEXT = (
     "<think>In the video, the mouth curves up in a smile. In the audio, the voice is low and "
@@ -45,8 +45,8 @@ def setup(tiny_dir, synth_dir, group):
     ids = processor.tokenizer([TEXT] * 4, add_special_tokens=False, return_tensors="pt")
     ids = ids["input_ids"]  # (4, C)
     with torch.no_grad():
-        video = scoring.encode_video(policy, media)
-        audio = scoring.encode_audio(policy, media)
+        video = encoders.encode_video(policy, media)
+        audio = encoders.encode_audio(policy, media)
     roll = rollout.Rollout(
         records=[r for r in both for _ in range(2)],
         media=media,

@@ -18,7 +18,7 @@ import torch
 
 import data
 from runtime import checkpoint, parallel
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,8 +113,8 @@ def clips(tiny_dir, synth_dir):
 def completion_logprobs(policy, media, completion_ids, device):
     """scoring's path for B rows (G = 1): each tower once, shared positions, head on completions."""
     media = {k: v.to(device) for k, v in media.items()}
-    video = scoring.encode_video(policy, media)
-    audio = scoring.encode_audio(policy, media)
+    video = encoders.encode_video(policy, media)
+    audio = encoders.encode_audio(policy, media)
     inputs = scoring.expand(media, 1, video, audio, scoring.positions(policy, media))
     return scoring.logprobs(policy, inputs, completion_ids.to(device))  # (B, C)
 

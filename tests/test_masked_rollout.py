@@ -11,7 +11,7 @@ import train
 from matching.matcher import Sim
 from metrics import perception
 from runtime import config
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model
 from variants import masked_rollout
 
 TAU = 0.5
@@ -198,8 +198,8 @@ def test_samples_come_from_the_masked_inputs(world, monkeypatch):
             assert pixels.equal(media["pixel_values_videos"]) and not features.any()
         inputs = generate_args[2]
         with torch.no_grad():
-            video = scoring.encode_video(policy, want).pooler_output
-            audio = scoring.encode_audio(policy, want)
+            video = encoders.encode_video(policy, want).pooler_output
+            audio = encoders.encode_audio(policy, want)
         sampled_video = inputs["mm_encoder_outputs"]["video"].pooler_output
         assert all(torch.equal(sampled_video[2 * b], video[b]) for b in range(2))
         assert all(torch.equal(inputs["audio_features"][2 * b], audio[b]) for b in range(2))

@@ -128,6 +128,29 @@ def test_a_target_beyond_the_position_limit_refuses_before_the_first_step(
     assert not (tmp_path / "out" / "sft" / "ckpt").exists()
 
 
+def test_every_prompt_beyond_the_position_limit_refuses_whatever_the_stage(
+    tiny_dir, synth_dir, matcher, tmp_path
+):
+    """--stages oppo: a subtitle of ~6,000 tokens on a train line, then on an evaluated test
+    line, cannot be sampled from (prompt and --max_new_tokens)."""
+    long = {"subtitle": "The brow is furrowed and the voice trembles. " * 700}
+    train = copy_manifest(synth_dir / "train.jsonl", tmp_path / "train.jsonl", {2: long}, 8)
+    out = tmp_path / "out"
+    kw = short_run(tiny_dir, synth_dir, out, data=str(train), stages="oppo", steps=1)
+    with pytest.raises(SystemExit, match="more positions than the model's 4096") as refused:
+        run_inprocess(matcher, **kw)
+    message = str(refused.value)
+    assert message.startswith("train.py: --data: 1 records need") and "to sample from" in message
+    assert f"{train}:2: " in message and "+ 8 sampled (--max_new_tokens)" in message
+    assert not (out / "oppo" / "ckpt").exists()
+    test = copy_manifest(synth_dir / "test.jsonl", tmp_path / "test.jsonl", {1: long}, 4)
+    kw = short_run(tiny_dir, synth_dir, out, test_data=str(test), stages="oppo", steps=1)
+    with pytest.raises(SystemExit, match="--test_data: 1 records need more positions") as refused:
+        run_inprocess(matcher, **kw)
+    assert f"{test}:1: " in str(refused.value)
+    assert not (out / "oppo" / "ckpt").exists()
+
+
 # ---------------------------------------------------------------- 4. results that can be written
 def test_eval_refuses_an_out_it_cannot_write_before_evaluating(
     tiny_dir, synth_dir, tmp_path, monkeypatch, capsys

@@ -124,7 +124,7 @@ def test_resume_trims_the_log_to_the_checkpoint(tmp_path):
 
 def test_two_fsdp_processes_resume_exactly(fsdp, fsdp_resumed):
     """Sharded model and optimizer state and per-rank RNG, read back by the 2 ranks (the last step
-    has a rank without video: thinker.scoring.encode_media's blank tower)."""
+    has a rank without video: thinker.encoders.encode_media's blank tower)."""
     new = steps(read_log(fsdp_resumed / "sft" / "log.jsonl"))
     want = steps(read_log(fsdp / "sft" / "log.jsonl"))
     assert [ln["step"] for ln in new] == [SFT_STEPS - 1, SFT_STEPS]

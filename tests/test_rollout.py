@@ -11,7 +11,7 @@ from train_runs import free_port
 
 import data
 import rollout
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 from thinker.media import load_media
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,8 @@ def shared(policy, media, G):
         return scoring.expand(
             media,
             G,
-            scoring.encode_video(policy, media),
-            scoring.encode_audio(policy, media),
+            encoders.encode_video(policy, media),
+            encoders.encode_audio(policy, media),
             scoring.positions(policy, media),
         )
 
@@ -79,7 +79,7 @@ def test_generate_with_shared_audio_equals_per_row_audio(setup):
     runs = []
     for inputs in (
         shared(policy, media, 3),
-        scoring.expand(media, 3, scoring.encode_video(policy, media)),
+        scoring.expand(media, 3, encoders.encode_video(policy, media)),
     ):
         torch.manual_seed(5)
         runs.append(rollout.generate(policy, processor, inputs, max_new_tokens=10))
@@ -103,7 +103,7 @@ def test_logprobs_equal_generate_scores(setup):
     """At temperature 1 the log-probs of the sampled tokens are generate's own."""
     policy, processor, _, media = setup
     # audio encoded in the forward
-    inputs = scoring.expand(media, 2, scoring.encode_video(policy, media))
+    inputs = scoring.expand(media, 2, encoders.encode_video(policy, media))
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.generate(
@@ -165,8 +165,8 @@ def test_completion_mask_stops_after_the_answer(setup, tiny_dir):
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     # memorise the target (and what follows it, which must be cut off)
     for _ in range(60):
-        video = scoring.encode_video(policy, media)
-        audio = scoring.encode_audio(policy, media)
+        video = encoders.encode_video(policy, media)
+        audio = encoders.encode_audio(policy, media)
         inputs = scoring.expand(media, 1, video, audio)
         # with gradient through both towers
         loss = -scoring.logprobs(policy, inputs, target).mean()

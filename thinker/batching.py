@@ -1,8 +1,9 @@
 """Model inputs of manifest records: chat prompts, processed and LEFT-padded batches, masking.
 
 A record's prompt is R1-Omni's chat (a system text, the video, the audio, the subtitle and the
-instruction); its media are processed as Qwen2.5-Omni takes them: uniformly sampled frames and
-16 kHz mono audio as its own item (use_audio_in_video=False). The masked inputs x\\v and x\\a
+instruction); its media are processed as Qwen2.5-Omni takes them: uniformly sampled frames, at
+the clip's true frame rate (`frame_rate`), and 16 kHz mono audio as its own item
+(use_audio_in_video=False). The masked inputs x\\v and x\\a
 keep every token and position of x and zero a fraction of one modality's processed features
 (docs/method.md, section 5).
 """
@@ -12,7 +13,8 @@ import torch
 
 from thinker import media
 
-# frames per second of the sampled frames, as the processor is told
+# frames per second the processor is told when the frames' times are unknown (the processor's
+# own default)
 FPS = 2.0
 SYSTEM = "You are an expert in emotion recognition."
 # R1-Omni's instruction, reworded
@@ -60,10 +62,11 @@ def corpus(records):
 def encode(processor, records, decoded=None, targets=None, cache=None, frames=media.FRAMES):
     """LEFT-padded batch for the thinker's forward/generate (pass use_audio_in_video=False there).
 
-    decoded[i] = media.load_media(records[i]) (loaded when None); records may lack video or
-    audio, and a medium's keys are absent when no record has it. targets: strings appended to the
-    prompts (plus eos), adding labels (B, L) = -100 off the targets. cache: the caller's dict
-    id -> processed prompt tensors (the processor is ~20% of a tiny step), valid while media stay.
+    decoded[i] = media.load_clip(records[i]) (loaded when None; a (video, audio) pair of
+    load_media is taken at FPS); records may lack video or audio, and a medium's keys are absent
+    when no record has it. targets: strings appended to the prompts (plus eos), adding labels
+    (B, L) = -100 off the targets. cache: the caller's dict id -> processed prompt tensors (the
+    processor is ~20% of a tiny step), valid while media stay.
     """
     items = _prompt_items(processor, records, decoded, cache, frames)
     tok = processor.tokenizer
@@ -102,22 +105,38 @@ def _prompt_items(processor, records, decoded, cache, frames):
         if cache is not None:
             item = cache.get(rec["id"])
         if item is None:
-            if decoded is None:
-                video, audio = media.load_media(rec, frames)
-            else:
-                video, audio = decoded[i]
-            item = _process(processor, rec, video, audio)
+            clip = decoded[i] if decoded is not None else media.load_clip(rec, frames)
+            item = _process(processor, rec, *clip)
             if cache is not None:
                 cache[rec["id"]] = item
         items.append(item)
     return items
 
 
-def _process(processor, record, video, audio):
-    """One record's prompt tensors, batch dimension dropped where it is per-record."""
+def frame_rate(times, patch):
+    """The frame rate the processor is told for frames shown at `times` (T,) seconds: `patch`
+    (its temporal_patch_size) over the mean time between the first frames of consecutive
+    temporal patches, so that its video_second_per_grid = patch / rate is the true time one
+    grid step of the video's rotary positions spans. FPS when the times are unknown or equal."""
+    if times is None or len(times) < 2:
+        return FPS
+    starts = times[::patch]
+    if len(starts) > 1:
+        seconds = float(starts[-1] - starts[0]) / (len(starts) - 1)
+    else:
+        # one patch: its frames' spacing, times the patch
+        seconds = float(times[-1] - times[0]) / (len(times) - 1) * patch
+    if seconds <= 0:
+        return FPS
+    return patch / seconds
+
+
+def _process(processor, record, video, audio, times=None):
+    """One record's prompt tensors, batch dimension dropped where it is per-record; `times`: the
+    second each frame is shown (None: unknown)."""
     chat = messages(record, video is not None, audio is not None)
     text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-    video_kwargs = {"fps": FPS}
+    video_kwargs = {"fps": frame_rate(times, processor.video_processor.temporal_patch_size)}
     # Qwen2_5OmniProcessor's class-level video size (>= 128 x 28x28 pixels a frame) would upscale
     # small frames; a video processor sized below that (the tiny model's 56x56) keeps its own.
     size = processor.video_processor.size

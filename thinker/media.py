@@ -1,22 +1,26 @@
 """Media file I/O: video frames and 16 kHz mono audio, as Qwen2.5-Omni takes them.
 
-Uniformly sampled frames (8 by default) and the audio as its own item
-(use_audio_in_video=False); see docs/method.md, section 8. `probe` and `probe_cache` read headers
-only (every load of a manifest); `load_media` decodes (every training read); `verify` decodes a
-record as training reads it and checks its cache against its files (data.py --check).
+Uniformly sampled frames (8 by default) with the times they are shown, and the audio as its own
+item (use_audio_in_video=False); see docs/method.md, section 8. `probe` and `probe_cache` read
+headers (every load of a manifest; a float sound file is also read, as it can hold NaN);
+`load_clip` and `load_media` decode (every training read; thinker/video.py keeps only the sampled
+frames); `verify` decodes a record as training reads it, every frame, and checks its cache
+against its files (data.py --check).
 """
 
 import math
+from typing import NamedTuple
 
 import av
-import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-SR = 16000
+from thinker import video as videos
+from thinker.audio import SR, decode_audio
+from thinker.video import sample_indices
+
 FRAMES = 8
 # The feature extractor's hop (WhisperFeatureExtractor as Qwen2.5-Omni sets it, 10 ms at 16 kHz).
 # A waveform of n samples gives ceil(n / HOP) mel frames and the audio tower's two stride-2 steps
@@ -26,6 +30,8 @@ HOP = 160
 MIN_AUDIO_SAMPLES = 2 * HOP + 1
 # safetensors dtypes of a synthetic cache's tensors
 CACHE_DTYPES = {"frames": "U8", "waveform": "F32"}
+# sound-file encodings that can hold NaN or infinity, read whole at load
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
 
 class DataError(ValueError):
@@ -43,9 +49,13 @@ DECODE_ERRORS = (
 )
 
 
-def sample_indices(n, frames):
-    """`frames` uniformly spaced indices into n frames; a shorter clip repeats frames."""
-    return np.linspace(0, n - 1, frames).round().astype(int)
+class Clip(NamedTuple):
+    """A record's decoded media: video (T, H, W, 3) uint8, audio (S,) float32 at 16 kHz, and
+    times (T,) float64, the second each frame is shown; None where absent or unknown."""
+
+    video: torch.Tensor | None
+    audio: torch.Tensor | None
+    times: torch.Tensor | None
 
 
 def audio_window(processor):
@@ -68,23 +78,49 @@ def check_audio_length(samples, path):
 def probe(path, kind):
     """Open a media file's header only: raise DataError unless it holds a `kind` ("video" or
     "audio") stream; return its audio's length in 16 kHz samples (None: no audio stream, or an
-    FFmpeg header that does not say). Exact for sound files, FFmpeg's estimate otherwise."""
+    FFmpeg header that does not say). Exact for sound files, FFmpeg's estimate otherwise. A float
+    sound file is read whole: DataError when it holds NaN or infinity. A video stream must hold a
+    frame (its first packet is read)."""
     if kind == "audio":
         try:
             info = sf.info(str(path))
-            return math.ceil(info.frames * SR / info.samplerate)
         except (sf.LibsndfileError, RuntimeError):
             # not a sound file: FFmpeg reads it below
-            pass
+            info = None
+        if info is not None:
+            problem = None
+            if info.subtype in FLOAT_SUBTYPES:
+                problem = nonfinite(sf.read(str(path), dtype="float32")[0], path)
+            if problem:
+                raise DataError(problem)
+            return math.ceil(info.frames * SR / info.samplerate)
     try:
         with av.open(str(path)) as box:
             streams = getattr(box.streams, kind)
             samples = _header_samples(box)
+            empty = kind == "video" and streams and not _has_packet(box, streams[0])
     except av.error.FFmpegError as err:
         raise DataError(f"{kind} file {path} is unreadable ({err})") from None
     if not streams:
         raise DataError(f"{kind} file {path} has no {kind} stream")
+    if empty:
+        raise DataError(f"video file {path} has no frames (its video stream holds no packet)")
     return samples
+
+
+def _has_packet(box, stream):
+    """Whether an open container's `stream` holds a packet with data (the first one read)."""
+    return any(packet.size for packet in box.demux(stream))
+
+
+def nonfinite(wave, path):
+    """Why the audio `wave` (an array or tensor) of `path` cannot be used, when a sample is not
+    finite; None when every one is."""
+    finite = torch.isfinite(torch.as_tensor(wave))
+    if finite.all():
+        return None
+    first = int((~finite).flatten().nonzero()[0])
+    return f"audio of {path} is not finite (NaN or infinity at sample {first})"
 
 
 def _header_samples(box):
@@ -143,121 +179,101 @@ def probe_cache(path, has_video, has_audio):
 
 # ---------------------------------------------------------------- 2. decoding
 def decode_video(path, frames=None):
-    """(T, H, W, 3) uint8 frames of a video file: all of them, or `frames` uniformly sampled."""
-    images = []
-    with av.open(str(path)) as box:
-        stream = box.streams.video[0]
-        for packet in box.demux(stream):
-            for frame in packet.decode():
-                images.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3)
-    if not images:
-        raise DataError(f"video file {path} has no frames")
-    if frames is not None:
-        images = [images[i] for i in sample_indices(len(images), frames)]
-    return torch.from_numpy(np.stack(images))  # (T, H, W, 3)
-
-
-def decode_audio(path, sr=SR):
-    """(S,) float32 mono waveform at sr, by soundfile (wav, flac, ...) or FFmpeg; None: no audio."""
-    try:
-        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
-        wave = torch.from_numpy(wave.mean(1))  # (S,)
-    except (sf.LibsndfileError, RuntimeError):
-        # not a sound file: the audio track of a video, say
-        track = decode_audio_track(path)
-        if track is None:
-            return None
-        wave, rate = track
-    if rate != sr:
-        wave = AF.resample(wave, rate, sr)
-    return wave
-
-
-def decode_audio_track(path):
-    """(wave (S,) float32 mono, its sample rate) of a media file's first audio stream by FFmpeg;
-    None when it has none or the stream holds no samples."""
-    chunks = []
-    with av.open(str(path)) as box:
-        if not box.streams.audio:
-            return None
-        stream = box.streams.audio[0]
-        rate = stream.rate
-        mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        for packet in box.demux(stream):
-            for frame in packet.decode():
-                for resampled in mono.resample(frame):
-                    chunks.append(resampled.to_ndarray().reshape(-1))
-    if not chunks:
-        return None
-    return torch.from_numpy(np.concatenate(chunks)), rate
+    """(T, H, W, 3) uint8 frames of a video file: all of them, or `frames` uniformly sampled
+    (thinker/video.py: only those are kept)."""
+    return videos.decode(path, frames).images
 
 
 def load_media(record, frames=FRAMES):
-    """(video (T, H, W, 3) uint8 | None, audio (S,) float32 16 kHz | None) of a record; every
-    frame when frames is None.
+    """(video (T, H, W, 3) uint8 | None, audio (S,) float32 16 kHz | None) of a record
+    (load_clip)."""
+    clip = load_clip(record, frames)
+    return clip.video, clip.audio
+
+
+def load_clip(record, frames=FRAMES):
+    """A record's Clip: `frames` uniformly sampled frames (every one when frames is None) with
+    the times they are shown, and the audio.
 
     From the synthetic cache when there is one; without an audio file, from the video's audio
-    track. A decoding error, or audio too short for an audio token, becomes a DataError naming
-    the manifest line, the file and the record."""
+    track. A decoding error, audio too short for an audio token, or audio that is not finite
+    becomes a DataError naming the manifest line, the file and the record."""
     where = record.get("source", record.get("id"))
+    named = f"(record {record.get('id')!r})"
     path = record.get("cache")
     try:
         if path:
-            video, audio = load_cache(path, frames)
+            clip = load_cache(path, frames, record.get("video"))
         else:
-            video = None
+            clip = Clip(None, None, None)
             path = record.get("video")
             if path:
-                video = decode_video(path, frames)
+                decoded = videos.decode(path, frames)
+                clip = Clip(decoded.images, None, decoded.times)
             path = record.get("audio") or record.get("video")
-            audio = None
             if path:
-                audio = decode_audio(path)
-        if audio is not None:
-            check_audio_length(len(audio), path)
+                clip = clip._replace(audio=decode_audio(path))
+        if clip.audio is not None:
+            check_audio_length(len(clip.audio), path)
     except DECODE_ERRORS as err:
         raise DataError(
-            f"{where}: cannot decode {path} (record {record.get('id')!r}): "
-            f"{type(err).__name__}: {err}"
+            f"{where}: cannot decode {path} {named}: {type(err).__name__}: {err}"
         ) from None
-    return video, audio
+    # a float wav can hold NaN, which the processor would pass on
+    problem = None if clip.audio is None else nonfinite(clip.audio, path)
+    if problem:
+        raise DataError(f"{where}: {problem} {named}")
+    return clip
 
 
-def load_cache(path, frames):
-    """(video (frames, H, W, 3) uint8 | None, audio (S,) float32 | None) of a synthetic cache file,
-    which holds every decoded frame (all returned when frames is None) and the waveform."""
+def load_cache(path, frames, video_path=None):
+    """The Clip of a synthetic cache file, which holds every decoded frame (all returned when
+    frames is None) and the waveform; the frames' times are those of the video file it was
+    decoded from (None: no such file, or another frame count)."""
     cached = load_file(path)
     video = cached.get("frames")  # (T, H, W, 3)
+    times = None
+    if video is not None and video_path:
+        times = videos.times(video_path)  # (T,)
+        if times is not None and len(times) != len(video):
+            times = None
     if video is not None and frames is not None:
-        video = video[sample_indices(len(video), frames)]  # (frames, H, W, 3)
-    return video, cached.get("waveform")
+        chosen = sample_indices(len(video), frames)
+        video = video[chosen]  # (frames, H, W, 3)
+        if times is not None:
+            times = times[chosen]  # (frames,)
+    return Clip(video, cached.get("waveform"), times)
 
 
 # ---------------------------------------------------------------- 3. verification
 def verify(record):
-    """Decode a record's media as training reads them (load_media), every frame, and check what
-    came out: a finite waveform and, for a record with a synthetic cache, the cache equal to its
-    media files decoded. Raise DataError naming the manifest line, the file
-    and the record; return the audio's length in 16 kHz samples (None: no audio)."""
+    """Decode a record's media as training reads them (load_clip: sampled frames, finite audio)
+    and every frame of its video, or, for a record with a synthetic cache, check the cache equal
+    to its media files decoded. Raise DataError naming the manifest line, the file and the
+    record; return the audio's length in 16 kHz samples (None: no audio)."""
     where = record.get("source", record.get("id"))
     named = f"(record {record.get('id')!r})"
-    video, audio = load_media(record, frames=None)
-    # a float wav can hold NaN, which the processor would pass on
-    if audio is not None and not torch.isfinite(audio).all():
-        path = record.get("cache") or record.get("audio") or record["video"]
-        raise DataError(f"{where}: audio of {path} {named} is not finite")
-    if record.get("cache"):
-        files = {key: value for key, value in record.items() if key != "cache"}
-        decoded = load_media(files, frames=None)
-        for name, cached, fresh in zip(("frames", "waveform"), (video, audio), decoded):
-            same = cached is None and fresh is None
-            if cached is not None and fresh is not None and cached.shape == fresh.shape:
-                same = torch.allclose(cached.float(), fresh.float(), atol=1e-4)
-            if not same:
-                raise DataError(
-                    f"{where}: the {name} in cache file {record['cache']} {named} differ from "
-                    "its media files decoded; delete the cache to decode the media"
-                )
-    if audio is None:
-        return None
-    return len(audio)
+    if not record.get("cache"):
+        audio = load_clip(record).audio
+        path = record.get("video")
+        try:
+            if path:
+                videos.count_frames(path)
+        except DECODE_ERRORS as err:
+            raise DataError(
+                f"{where}: cannot decode {path} {named}: {type(err).__name__}: {err}"
+            ) from None
+        return None if audio is None else len(audio)
+    cached = load_clip(record, frames=None)
+    files = {key: value for key, value in record.items() if key != "cache"}
+    decoded = load_clip(files, frames=None)
+    for name, kept, fresh in zip(("frames", "waveform"), cached[:2], decoded[:2]):
+        same = kept is None and fresh is None
+        if kept is not None and fresh is not None and kept.shape == fresh.shape:
+            same = torch.allclose(kept.float(), fresh.float(), atol=1e-4)
+        if not same:
+            raise DataError(
+                f"{where}: the {name} in cache file {record['cache']} {named} differ from "
+                "its media files decoded; delete the cache to decode the media"
+            )
+    return None if cached.audio is None else len(cached.audio)

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 
 import rollout
-from thinker import scoring
+from thinker import encoders, scoring
 from tools.measure import interleave, timed_round
 
 
@@ -47,11 +47,11 @@ class Levers:
 
     @torch.no_grad()
     def encode_video(self):
-        return scoring.encode_video(self.policy, self.media)
+        return encoders.encode_video(self.policy, self.media)
 
     @torch.no_grad()
     def encode_audio(self):
-        return scoring.encode_audio(self.policy, self.media)
+        return encoders.encode_audio(self.policy, self.media)
 
     def fresh(self, g):
         """g rows a clip sharing its features, each tower run once a clip (as thinker/scoring)."""

@@ -25,7 +25,7 @@ from transformers import HfArgumentParser
 import data
 from matching import alignment
 from synthetic import plan
-from thinker import batching, model, scoring
+from thinker import batching, encoders, model, scoring
 
 OPENERS = {"visual": "In the video,", "acoustic": "In the audio,"}
 MEDIUM = {"visual": "video", "acoustic": "audio"}
@@ -88,8 +88,8 @@ def opening_logprobs(policy, processor, records, batch, sense):
     ids = tok(texts, add_special_tokens=False, padding=True, padding_side="right")
     completion = torch.tensor(ids["input_ids"])  # (B, C)
     mask = torch.tensor(ids["attention_mask"])  # (B, C)
-    video = scoring.encode_video(policy, batch)
-    audio = scoring.encode_audio(policy, batch)
+    video = encoders.encode_video(policy, batch)
+    audio = encoders.encode_audio(policy, batch)
     inputs = scoring.expand(batch, 1, video, audio, scoring.positions(policy, batch))
     logp = scoring.logprobs(policy, inputs, completion)  # (B, C)
     out = []

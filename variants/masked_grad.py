@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 import rollout
 from runtime import parallel
-from thinker import microbatch, scoring
+from thinker import encoders, microbatch, scoring
 
 
 @dataclass
@@ -97,10 +97,10 @@ def masked_rows_with_grad(policy, roll, masked, modality, c0, c1, towers, need):
     zero = logp.new_zeros(())
     idx = need.nonzero().squeeze(1)  # (r,)
     if not len(idx) and dist.get_world_size() == 1:
-        return logp, zero, zero, scoring.Towers()
+        return logp, zero, zero, encoders.Towers()
     clips = microbatch.clips(policy, masked, c0, c1, roll.positions)
     # the tower of the masked modality again, on x\m; the other's output is the full pass's
-    rerun = scoring.encode_tower(policy, clips.batch, modality)
+    rerun = encoders.encode_tower(policy, clips.batch, modality)
     video = rerun.video if modality == "video" else towers.video
     audio = rerun.audio if modality == "audio" else towers.audio
     inputs = scoring.expand(clips.batch, roll.G, video, audio, clips.positions)

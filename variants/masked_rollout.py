@@ -30,7 +30,7 @@ import reward
 import rollout
 from metrics import perception
 from runtime import flops, parallel
-from thinker import batching, microbatch, scoring
+from thinker import batching, encoders, microbatch, scoring
 
 # each masked modality, and the claims that its absence makes unfounded
 CLAIM = {"video": "visual", "audio": "acoustic"}
@@ -98,7 +98,7 @@ def backpropagate(args, policy, roll, adv):
     for c0, c1 in microbatch.ranges(len(roll.media["input_ids"]), args.micro_batch):
         rows = slice(c0 * G, c1 * G)
         clips = microbatch.clips(policy, roll.media, c0, c1, roll.positions)
-        towers = scoring.encode_media(policy, clips.batch)
+        towers = encoders.encode_media(policy, clips.batch)
         inputs = scoring.expand(clips.batch, G, towers.video, towers.audio, clips.positions)
         logp = scoring.logprobs(policy, inputs, roll.completion_ids[rows])  # (n, C)
         pg_loss, _ = oppo.policy_loss(
