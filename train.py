@@ -8,8 +8,8 @@
 Each OPPO step (`oppo_step`, docs/method.md, sections 2-5): 1. rollout, 2. reward, 3. advantage,
 4. evidence routing and masked log-probs, 5. update, 6. masked rollouts (`--masked_rollouts`),
 7. metrics. Ablations are switches: `--perception_reward False --perception_loss False` is plain
-GRPO. The flags and their profiles are in runtime/config.py; what only matters with several
-processes (FSDP2, global sums) in runtime/parallel.py.
+GRPO. The flags are in runtime/config.py, their profiles in runtime/profiles.py; what only
+matters with several processes (FSDP2, global sums) in runtime/parallel.py.
 """
 
 import time
@@ -28,7 +28,7 @@ import rollout
 from matching.matcher import Matcher
 from metrics import report
 from runtime import checkpoint, config, flops, logs, optim, parallel, preflight, rundir
-from thinker import batching, model, scoring
+from thinker import batching, microbatch, model, scoring
 from variants import masked_grad, masked_rollout
 
 
@@ -54,12 +54,16 @@ def sft_step(args, policy, processor, recs, media):
     ids = tokens["input_ids"].to(device)  # (B, C)
     mask = tokens["attention_mask"].to(device)  # (B, C)
     (n_tok,) = parallel.global_sum(mask.sum())
-    towers = scoring.encode_media(policy, media)
     pos = scoring.positions(policy, media)
-    inputs = scoring.expand(media, 1, towers.video, towers.audio, pos)
-    logp = scoring.logprobs(policy, inputs, ids)  # (B, C)
-    # token-mean over the global batch
-    loss = parallel.backward(-(logp * mask).sum() / n_tok, towers)
+    loss = 0.0
+    # --sft_micro_batch clips a forward (0: all); each one's loss is its share of the token-mean
+    # over the global batch, so their gradients add up to the batch's
+    for c0, c1 in microbatch.ranges(len(recs), args.sft_micro_batch or None):
+        clips = microbatch.clips(policy, media, c0, c1, pos)
+        towers = scoring.encode_media(policy, clips.batch)
+        inputs = scoring.expand(clips.batch, 1, towers.video, towers.audio, clips.positions)
+        logp = scoring.logprobs(policy, inputs, ids[c0:c1])  # (n, C)
+        loss = loss + parallel.backward(-(logp * mask[c0:c1]).sum() / n_tok, towers)
     prompt_tokens = float(media["attention_mask"].sum())
     completion_tokens = float(mask.sum())
     return {

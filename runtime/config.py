@@ -1,11 +1,13 @@
-"""train.py's command line: the Args dataclass and the cpu and real profiles of defaults.
+"""train.py's command line: the Args dataclass, and `apply_profile`.
 
-A field left unset (None) takes the value of the run's profile: `cpu`, the tiny thinker on the
-synthetic world (docs/method.md, section 10), or `real`, a 3B/7B Qwen2.5-Omni thinker on real
-data with the recipe of docs/method.md, section 6.
+A field left unset (None) takes the value of the run's profile (runtime/profiles.py): `cpu`, the
+tiny thinker on the synthetic world (docs/method.md, section 10), or `real`, a 3B/7B
+Qwen2.5-Omni thinker on real data with the recipe of docs/method.md, section 6.
 """
 
 from dataclasses import dataclass, field
+
+from runtime.profiles import CPU, REAL
 
 
 @dataclass
@@ -79,6 +81,13 @@ class Args:
     )
     sft_lr: float = field(
         default=None, metadata={"help": "SFT learning rate (CPU 1e-3, real 1e-5)"}
+    )
+    sft_micro_batch: int = field(
+        default=None,
+        metadata={
+            "help": "clips per SFT forward, each rank (CPU 0: the whole batch; real 1); the "
+            "loss is normalised by the global token count, so micro-batches sum to the batch's"
+        },
     )
     # OPPO
     steps: int = field(
@@ -224,7 +233,11 @@ class Args:
         },
     )
     activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute decoder layers in backward to save memory"}
+        default=None,
+        metadata={
+            "help": "recompute decoder layers in backward to save memory (CPU off, real on: "
+            "the 7B update needs it to fit, docs/performance.md)"
+        },
     )
     cache_inputs: bool = field(
         default=None,
@@ -246,43 +259,9 @@ class Args:
             "help": "--resume refuses arguments that differ from <out>/<stage>/args.json; this "
             "accepts them (printed, logged; more steps continue a finished stage). Exempt: out "
             "resume stages profile val_data test_data eval_every eval_limit theta save_every "
-            "max_bad_records micro_batch activation_checkpointing cache_inputs"
+            "max_bad_records micro_batch sft_micro_batch activation_checkpointing cache_inputs"
         },
     )
-
-
-CPU = dict(
-    frames=4,
-    sft_steps=900,
-    sft_batch=16,
-    sft_lr=1e-3,
-    steps=120,
-    batch=4,
-    lr=1e-4,
-    warmup=30,
-    max_new_tokens=96,
-    micro_batch=4,
-    beta=0.0,
-    gamma=0.02,
-    eta=0.03,
-    cache_inputs=True,
-)
-REAL = dict(
-    frames=8,
-    sft_steps=1000,
-    sft_batch=64,
-    sft_lr=1e-5,
-    steps=500,
-    batch=64,
-    lr=1e-6,
-    warmup=10,
-    max_new_tokens=512,
-    micro_batch=1,
-    beta=0.04,
-    gamma=0.02,
-    eta=0.03,
-    cache_inputs=False,
-)
 
 
 def apply_profile(args, device):

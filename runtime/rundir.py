@@ -38,6 +38,7 @@ EXEMPT = {
     "theta",
     "save_every",
     "micro_batch",
+    "sft_micro_batch",
     "activation_checkpointing",
     "cache_inputs",
 }
