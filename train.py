@@ -28,7 +28,7 @@ import rollout
 from matching.matcher import Matcher
 from metrics import report
 from runtime import checkpoint, config, flops, logs, optim, parallel, preflight, rundir
-from thinker import batching, microbatch, model, scoring
+from thinker import batching, microbatch, scoring
 from variants import masked_grad, masked_rollout
 
 
@@ -76,8 +76,9 @@ def sft_step(args, policy, processor, recs, media):
     }
 
 
-def oppo_step(args, policy, ref, processor, matcher, recs, media, step):
-    """One OPPO step on this rank's B clips: the gradient of its loss, and its metrics."""
+def oppo_step(args, policy, ref, processor, matcher, recs, media, step, inventory=None):
+    """One OPPO step on this rank's B clips: the gradient of its loss, and its metrics.
+    inventory: the training records' cues, for the masked rollouts."""
     clock = logs.Clock()
     # 1. rollout: G completions per clip, and their reference log-probs (Eq. 7) when beta > 0
     roll = rollout.rollout(
@@ -116,7 +117,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, step):
     # 6. masked rollouts (variants/masked_rollout.py): samples under x\v and x\a, claims penalised
     masked = {}
     if args.masked_rollouts:
-        masked = masked_rollout.run(args, policy, processor, matcher, recs, media, step)
+        masked = masked_rollout.run(args, policy, processor, matcher, recs, media, step, inventory)
     # 7. metrics of the step, for this rank's rows
     return logs.oppo_metrics(
         args, policy, roll, (total, parts), evidence, clock, adv_metrics, loss_metrics, masked
@@ -164,6 +165,8 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
     recs = preflight.stage_records(stage, manifests, policy, processor)
     rundir.start_stage(args, stage, start, recs, changes.get(stage), rank == 0)
     cache = {} if args.cache_inputs else None
+    # the masked rollouts route claims against the cues of the records loaded above
+    inventory = masked_rollout.training_inventory(recs) if args.masked_rollouts else None
     log = logs.Log(out / "log.jsonl", start, rank == 0)
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=stage, disable=rank != 0, initial=start, total=total_steps)
@@ -176,7 +179,9 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
         if stage == "sft":
             metrics = sft_step(args, policy, processor, batch, media)
         else:
-            metrics = oppo_step(args, policy, ref, processor, matcher, batch, media, step)
+            metrics = oppo_step(
+                args, policy, ref, processor, matcher, batch, media, step, inventory
+            )
         # the learning rate this step used: optimizer_step moves the schedule on
         lr = schedule.get_last_lr()[0]
         gnorm, finite = optim.optimizer_step(
@@ -208,13 +213,11 @@ def show_progress(metrics):
 
 def load_models(stage, args, init, device):
     """(policy, reference or None, processor) of a stage, sharded (runtime/parallel.py)."""
-    policy, processor = model.load_policy(init)
-    parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
+    policy, processor = parallel.load(init, device, args.bf16, args.activation_checkpointing)
     ref = None
     # Eq. (7) needs pi_ref; beta = 0 never loads it
     if stage == "oppo" and args.beta > 0:
-        ref = model.load_policy(init)[0].requires_grad_(False)
-        ref = parallel.shard(ref, device, args.bf16)
+        ref = parallel.load(init, device, args.bf16)[0].requires_grad_(False)
     return policy, ref, processor
 
 
@@ -236,8 +239,8 @@ def report_on(args, policy, processor, records, matcher, progress=True):
 def main(args):
     rank, world, device = parallel.init()
     config.apply_profile(args, device)
-    # ranks must sample different completions for their clips
-    torch.manual_seed(args.seed + rank)
+    # ranks must sample different completions for their clips, and runs of other seeds others
+    torch.manual_seed(parallel.rank_seed(args.seed, rank))
     preflight.require_manifests(args)
     preflight.default_assets(args, rank == 0)
     # rewards, routing, eval's cue recovery
@@ -249,8 +252,7 @@ def main(args):
         init = args.init or args.model
         for stage in args.stages.split(","):
             init = run_stage(stage, args, init, device, matcher, manifests, changes)
-        policy, processor = model.load_policy(init)
-        policy = parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
+        policy, processor = parallel.load(init, device, args.bf16, args.activation_checkpointing)
         test_report = report_on(args, policy, processor, manifests["test"], matcher)
         test_report["manifests"] = preflight.summary(args, manifests)
         if rank == 0:

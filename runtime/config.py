@@ -68,7 +68,8 @@ class Args:
     seed: int = field(
         default=0,
         metadata={
-            "help": "random seed; rank r seeds with seed + r so ranks sample different completions"
+            "help": "random seed, 0 to 2**20 - 1; rank r seeds with seed + r * 2**20 (rank 0 "
+            "with seed itself), so no two ranks or seeds share samples"
         },
     )
     frames: int = field(default=None, metadata={"help": "video frames per clip (CPU 4, real 8)"})

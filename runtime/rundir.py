@@ -202,6 +202,10 @@ def resume_changes(args, stages):
             if flag in recorded and recorded[flag] != value:
                 diff[flag] = [recorded[flag], value]
                 refusals.append(f"{stage}: --{flag} {recorded[flag]!r} -> {value!r}")
+        try:
+            checkpoint.check_world(started)
+        except checkpoint.WorldSizeError as err:
+            return {}, f"--resume: {err}"
         total = args.sft_steps if stage == "sft" else args.steps
         at = int(started.name.split("_")[1])
         if at > total:
