@@ -37,6 +37,12 @@ FLAGS = (
     f"--max_new_tokens=8 --beta=0.04 --sft_lr=1e-2 --warmup=1 --save_every=2 --eval_limit=2 "
     f"--eval_every={SFT_STEPS}"
 ).split()
+# scripts/gpu_check.sh's embedder (random weights of all-MiniLM-L6-v2's shapes), if it set one
+EMBEDDER = os.environ.get("OPPO_EMBEDDER", "")
+if EMBEDDER:
+    FLAGS.append(f"--embedder={EMBEDDER}")
+# the real profile's memory settings (runtime/profiles.py), which the 7B command runs with
+REAL_MEMORY = dict(activation_checkpointing=True, sft_micro_batch=1, micro_batch=1)
 
 
 def torchrun():
@@ -83,8 +89,10 @@ def cuda_run(tiny_dir, synth_dir, out, *launcher, **over):
 
 @pytest.fixture(scope="module")
 def torchrun_run(tiny_dir, synth_dir, tmp_path_factory):
-    """The defaults on CUDA: bf16, FSDP2 on nccl, process group from torchrun's environment."""
-    return cuda_run(tiny_dir, synth_dir, tmp_path_factory.mktemp("torchrun"), *torchrun())
+    """The defaults on CUDA: bf16, FSDP2 on nccl, process group from torchrun's environment; the
+    real profile's activation checkpointing and micro-batches of one clip."""
+    out = tmp_path_factory.mktemp("torchrun")
+    return cuda_run(tiny_dir, synth_dir, out, *torchrun(), **REAL_MEMORY)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +185,7 @@ def test_fsdp2_bf16_resume_restores_the_exact_weights(torchrun_run, tiny_dir, sy
     name = f"step_{SFT_STEPS - 2:07d}"
     shutil.copytree(torchrun_run / "sft" / "ckpt" / name, tmp_path / "sft" / "ckpt" / name)
     (tmp_path / "sft" / "ckpt" / "latest").write_text(name)
-    cuda_run(tiny_dir, synth_dir, tmp_path, *torchrun(), stages="sft", resume=True)
+    cuda_run(tiny_dir, synth_dir, tmp_path, *torchrun(), stages="sft", resume=True, **REAL_MEMORY)
     new, want = train_log(tmp_path, "sft"), train_log(torchrun_run, "sft")[-2:]
     assert [line["step"] for line in new] == [SFT_STEPS - 1, SFT_STEPS]
     # the first step's loss is a forward of the saved weights on the same clips: bit for bit
@@ -275,6 +283,8 @@ def test_a_7b_shaped_oppo_step_runs(tmp_path):
     of 8 frames of 756 px, 8 completions of 256 tokens; its figures go to $OPPO_GPU_OUT."""
     bench = ["-m", "tools.bench", "--config=7b", "--only=step", "--B=1", "--G=8"]
     bench += ["--tokens=256", "--frames=8", "--size=756", "--steps=1", "--warmup=0", "--threads=8"]
+    if EMBEDDER:
+        bench.append(f"--embedder={EMBEDDER}")
     proc = start(tmp_path, *bench, f"--out={tmp_path / 'bench'}")
     try:
         finish(proc, tmp_path, timeout=420)

@@ -4,15 +4,16 @@ Uniformly sampled frames (8 by default) and the audio as its own item
 (use_audio_in_video=False); see docs/method.md, section 8. `probe` and `probe_cache` read headers
 only (every load of a manifest); `load_media` decodes (every training read); `verify` decodes a
 record as training reads it and checks its cache against its files (data.py --check).
+
+The decoders (PyAV, soundfile, torchaudio) are imported by the functions that use them: a run on
+synthetic caches never loads them, and a machine that runs on caches need not have them.
 """
 
 import math
+import sys
 
-import av
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio.functional as AF
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -32,15 +33,17 @@ class DataError(ValueError):
     """Bad manifest line or unreadable media; the message names the file and line."""
 
 
-# what decoding a bad media file raises (FFmpeg, soundfile, safetensors, or no frames at all)
-DECODE_ERRORS = (
-    av.error.FFmpegError,
-    OSError,
-    IndexError,
-    RuntimeError,
-    DataError,
-    SafetensorError,
-)
+# what decoding a bad media file raises (soundfile, safetensors, or no frames at all), FFmpeg's
+# errors aside (`decode_errors`)
+DECODE_ERRORS = (OSError, IndexError, RuntimeError, DataError, SafetensorError)
+
+
+def decode_errors():
+    """DECODE_ERRORS, and FFmpeg's once PyAV is loaded: before, nothing can have raised one."""
+    av = sys.modules.get("av")
+    if av is None:
+        return DECODE_ERRORS
+    return (av.error.FFmpegError, *DECODE_ERRORS)
 
 
 def sample_indices(n, frames):
@@ -69,6 +72,9 @@ def probe(path, kind):
     """Open a media file's header only: raise DataError unless it holds a `kind` ("video" or
     "audio") stream; return its audio's length in 16 kHz samples (None: no audio stream, or an
     FFmpeg header that does not say). Exact for sound files, FFmpeg's estimate otherwise."""
+    import av
+    import soundfile as sf
+
     if kind == "audio":
         try:
             info = sf.info(str(path))
@@ -89,6 +95,8 @@ def probe(path, kind):
 
 def _header_samples(box):
     """Length in 16 kHz samples of an open container's first audio stream, by its header."""
+    import av
+
     if not box.streams.audio:
         return None
     stream = box.streams.audio[0]
@@ -144,6 +152,8 @@ def probe_cache(path, has_video, has_audio):
 # ---------------------------------------------------------------- 2. decoding
 def decode_video(path, frames=None):
     """(T, H, W, 3) uint8 frames of a video file: all of them, or `frames` uniformly sampled."""
+    import av
+
     images = []
     with av.open(str(path)) as box:
         stream = box.streams.video[0]
@@ -159,6 +169,8 @@ def decode_video(path, frames=None):
 
 def decode_audio(path, sr=SR):
     """(S,) float32 mono waveform at sr, by soundfile (wav, flac, ...) or FFmpeg; None: no audio."""
+    import soundfile as sf
+
     try:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
         wave = torch.from_numpy(wave.mean(1))  # (S,)
@@ -169,6 +181,8 @@ def decode_audio(path, sr=SR):
             return None
         wave, rate = track
     if rate != sr:
+        import torchaudio.functional as AF
+
         wave = AF.resample(wave, rate, sr)
     return wave
 
@@ -176,6 +190,8 @@ def decode_audio(path, sr=SR):
 def decode_audio_track(path):
     """(wave (S,) float32 mono, its sample rate) of a media file's first audio stream by FFmpeg;
     None when it has none or the stream holds no samples."""
+    import av
+
     chunks = []
     with av.open(str(path)) as box:
         if not box.streams.audio:
@@ -215,7 +231,7 @@ def load_media(record, frames=FRAMES):
                 audio = decode_audio(path)
         if audio is not None:
             check_audio_length(len(audio), path)
-    except DECODE_ERRORS as err:
+    except decode_errors() as err:
         raise DataError(
             f"{where}: cannot decode {path} (record {record.get('id')!r}): "
             f"{type(err).__name__}: {err}"
