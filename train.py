@@ -8,8 +8,8 @@
 Each OPPO step (`oppo_step`, docs/method.md, sections 2-5): 1. rollout, 2. reward, 3. advantage,
 4. evidence routing and masked log-probs, 5. update, 6. masked rollouts (`--masked_rollouts`),
 7. metrics. Ablations are switches: `--perception_reward False --perception_loss False` is plain
-GRPO. The flags and their profiles are in runtime/config.py; what only matters with several
-processes (FSDP2, global sums) in runtime/parallel.py.
+GRPO. The flags are in runtime/config.py, their profiles in runtime/profiles.py; what only
+matters with several processes (FSDP2, global sums) in runtime/parallel.py.
 """
 
 import time
@@ -40,7 +40,7 @@ from runtime import (
     validate,
 )
 from runtime.run_flags import parse_args
-from thinker import batching, encoders, model, scoring
+from thinker import batching, encoders, microbatch, scoring
 from variants import masked_grad, masked_rollout
 
 
@@ -66,12 +66,16 @@ def sft_step(args, policy, processor, recs, media):
     ids = tokens["input_ids"].to(device)  # (B, C)
     mask = tokens["attention_mask"].to(device)  # (B, C)
     (n_tok,) = parallel.global_sum(mask.sum())
-    towers = encoders.encode_media(policy, media)
     pos = scoring.positions(policy, media)
-    inputs = scoring.expand(media, 1, towers.video, towers.audio, pos)
-    logp = scoring.logprobs(policy, inputs, ids)  # (B, C)
-    # token-mean over the global batch
-    loss = parallel.backward(-(logp * mask).sum() / n_tok, towers)
+    loss = 0.0
+    # --sft_micro_batch clips a forward (0: all); each one's loss is its share of the token-mean
+    # over the global batch, so their gradients add up to the batch's
+    for c0, c1 in microbatch.ranges(len(recs), args.sft_micro_batch or None):
+        clips = microbatch.clips(policy, media, c0, c1, pos)
+        towers = encoders.encode_media(policy, clips.batch)
+        inputs = scoring.expand(clips.batch, 1, towers.video, towers.audio, clips.positions)
+        logp = scoring.logprobs(policy, inputs, ids[c0:c1])  # (n, C)
+        loss = loss + parallel.backward(-(logp * mask[c0:c1]).sum() / n_tok, towers)
     prompt_tokens = float(media["attention_mask"].sum())
     completion_tokens = float(mask.sum())
     return {
@@ -84,9 +88,12 @@ def sft_step(args, policy, processor, recs, media):
     }
 
 
-def oppo_step(args, policy, ref, processor, matcher, recs, media, step, labels=None):
+def oppo_step(
+    args, policy, ref, processor, matcher, recs, media, step, labels=None, inventory=None
+):
     """One OPPO step on this rank's B clips: the gradient of its loss, and its metrics. `labels`:
-    the run's label space (corpora/labels.py) of the accuracy reward."""
+    the run's label space (corpora/labels.py) of the accuracy reward; `inventory`: the training
+    records' cues, for the masked rollouts."""
     clock = logs.Clock()
     # 1. rollout: G completions per clip, and their reference log-probs (Eq. 7) when beta > 0
     roll = rollout.rollout(
@@ -128,7 +135,7 @@ def oppo_step(args, policy, ref, processor, matcher, recs, media, step, labels=N
     # 6. masked rollouts (variants/masked_rollout.py): samples under x\v and x\a, claims penalised
     masked = {}
     if args.masked_rollouts:
-        masked = masked_rollout.run(args, policy, processor, matcher, recs, media, step)
+        masked = masked_rollout.run(args, policy, processor, matcher, recs, media, step, inventory)
     # 7. metrics of the step, for this rank's rows
     metrics = logs.oppo_metrics(
         args, policy, roll, (total, parts), evidence, clock, adv_metrics, loss_metrics, masked
@@ -180,6 +187,8 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
     recs = preflight.stage_records(stage, args, manifests, policy, processor)
     rundir.start_stage(args, stage, start, recs, changes.get(stage), rank == 0)
     cache = {} if args.cache_inputs else None
+    # the masked rollouts route claims against the cues of the records loaded above
+    inventory = masked_rollout.training_inventory(recs) if args.masked_rollouts else None
     log = logs.Log(out / "log.jsonl", start, rank == 0, args.tensorboard)
     steps = range(start, total_steps)
     bar = tqdm(steps, desc=stage, disable=rank != 0, initial=start, total=total_steps)
@@ -193,7 +202,7 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
             metrics = sft_step(args, policy, processor, batch, media)
         else:
             metrics = oppo_step(
-                args, policy, ref, processor, matcher, batch, media, step, recs.labels
+                args, policy, ref, processor, matcher, batch, media, step, recs.labels, inventory
             )
         # the learning rate this step used: optimizer_step moves the schedule on
         lr = schedule.get_last_lr()[0]
@@ -201,15 +210,13 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
             policy, optimizer, schedule, metrics["loss"], args.grad_clip
         )
         metrics = logs.finish_step(metrics, time.perf_counter() - began, lr, gnorm, finite)
-        problems = metrics.pop("nonfinite_rewards", [])
-        if not finite:
-            metrics["skip_reason"] = health.why_skipped(problems, batch, stage, step + 1)
+        metrics = health.note_skipped(metrics, finite, batch, stage, step + 1)
         metrics.update(parallel.mean_metrics(metrics, world))
         # an int, after the mean over ranks that makes every number a float
         metrics["step"] = step + 1
         log.write(metrics)
         if rank == 0:
-            bar.set_postfix(show_progress(metrics))
+            bar.set_postfix(logs.progress(metrics))
         if (step + 1) % args.save_every == 0 or step + 1 == total_steps:
             checkpoint.save(out / "ckpt", step + 1, policy, optimizer)
         if args.eval_every and (step + 1) % args.eval_every == 0:
@@ -223,23 +230,13 @@ def run_stage(stage, args, init, device, matcher, manifests, changes):
     return out / "final"
 
 
-def show_progress(metrics):
-    """The progress bar's figures of a step: its loss and, in OPPO, its mean reward."""
-    shown = {"loss": f"{metrics['loss']:.3f}"}
-    if "rewards/total" in metrics:
-        shown["reward"] = f"{metrics['rewards/total']:.2f}"
-    return shown
-
-
 def load_models(stage, args, init, device):
     """(policy, reference or None, processor) of a stage, sharded (runtime/parallel.py)."""
-    policy, processor = model.load_policy(init)
-    parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
+    policy, processor = parallel.load(init, device, args.bf16, args.activation_checkpointing)
     ref = None
     # Eq. (7) needs pi_ref; beta = 0 never loads it
     if stage == "oppo" and args.beta > 0:
-        ref = model.load_policy(init)[0].requires_grad_(False)
-        ref = parallel.shard(ref, device, args.bf16)
+        ref = parallel.load(init, device, args.bf16)[0].requires_grad_(False)
     return policy, ref, processor
 
 
@@ -268,8 +265,8 @@ def main(args):
     rank, world, device = parallel.init()
     config.apply_profile(args, device)
     validate.check(args, world)
-    # ranks must sample different completions for their clips
-    torch.manual_seed(args.seed + rank)
+    # ranks must sample different completions for their clips, and runs of other seeds others
+    torch.manual_seed(parallel.rank_seed(args.seed, rank))
     preflight.require_manifests(args)
     preflight.default_assets(args, rank == 0)
     # rewards, routing, eval's cue recovery
@@ -282,8 +279,7 @@ def main(args):
         init = args.init or args.model
         for stage in args.stages.split(","):
             init = run_stage(stage, args, init, device, matcher, manifests, changes)
-        policy, processor = model.load_policy(init)
-        policy = parallel.shard(policy, device, args.bf16, args.activation_checkpointing)
+        policy, processor = parallel.load(init, device, args.bf16, args.activation_checkpointing)
         test_report = report_on(args, policy, processor, manifests["test"], matcher)
         test_report["manifests"] = preflight.summary(args, manifests)
         if rank == 0:

@@ -1,15 +1,17 @@
 """Checkpoints that survive a kill, and the run's log: a stage can be resumed at any step.
 
 - `save` writes model + optimizer shards with torch.distributed.checkpoint (each rank writes its
-  own shard, no gather), plus each rank's RNG state and the step, into `step_XXXXXXX.tmp/`, then
-  renames the directory and rewrites `latest` (write, then rename: a process killed mid-write
-  leaves the previous checkpoint as the one `latest` names, never a half-valid one).
+  own shard, no gather), plus each rank's RNG state, the step and the number of ranks, into
+  `step_XXXXXXX.tmp/`, then renames the directory and rewrites `latest` (write, then rename: a
+  process killed mid-write leaves the previous checkpoint as the one `latest` names, never a
+  half-valid one).
 - `latest` is the checkpoint `latest` names; an empty pointer, or one naming a directory that is
   gone, falls back to the newest complete checkpoint (with a warning) or raises CheckpointError
   naming it.
 - `load` restores all of it, so a resumed run continues with the same next losses; `resume`
   does so for a stage, learning-rate schedule included. A checkpoint of another model (a tensor
-  of another shape, or missing) is refused naming the tensor, before anything is read.
+  of another shape, or missing) is refused naming the tensor, before anything is read, and one
+  written by another number of ranks too (`check_world`).
 - `export` gathers the full state dict on rank 0 and writes `save_pretrained` output that
   model.load_policy reads like any Qwen2.5-Omni thinker directory.
 """
@@ -36,6 +38,10 @@ class CheckpointError(ValueError):
 
 def _rank():
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier():
@@ -67,7 +73,8 @@ def save(ckpt_dir, step, model, optim, keep=2):
     _barrier()
     msd, osd = get_state_dict(model, optim)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({"step": step, "rng": rng_state()}, tmp / f"extra_rank{_rank()}.pt")
+    extra = {"step": step, "rng": rng_state(), "world": _world()}
+    torch.save(extra, tmp / f"extra_rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -126,8 +133,37 @@ def check_shapes(path, model_state):
             )
 
 
+def saved_world(path):
+    """The number of ranks that wrote the checkpoint in `path` (one RNG file each)."""
+    first = Path(path) / "extra_rank0.pt"
+    if first.exists():
+        world = torch.load(first, weights_only=False).get("world")
+        if world is not None:
+            return world
+    # written before the world size was stored
+    return len(list(Path(path).glob("extra_rank*.pt")))
+
+
+def check_world(path):
+    """Raise WorldSizeError unless this run has as many ranks as the checkpoint's writer: each
+    rank's clips (train.clip_indices) and random stream (parallel.rank_seed) depend on it, so a
+    resume on another number of ranks would not continue the run it belongs to."""
+    saved = saved_world(path)
+    if saved != _world():
+        raise WorldSizeError(
+            f"checkpoint {path} was written by {saved} rank(s), this run has {_world()}: resume "
+            f"with torchrun --nproc_per_node={saved} (the batch split and each rank's random "
+            "stream depend on the number of ranks), or start a new --out"
+        )
+
+
+class WorldSizeError(RuntimeError):
+    """A checkpoint resumed on another number of ranks than wrote it."""
+
+
 def load(path, model, optim):
     """Restore model, optimizer and this rank's RNG from `path`; returns the saved step."""
+    check_world(path)
     msd, osd = get_state_dict(model, optim)
     check_shapes(path, msd)
     # get_state_dict gives every parameter a blank optimizer state, but one that never had a
@@ -149,12 +185,7 @@ def load(path, model, optim):
         optim_state_dict=state["optim"],
         options=StateDictOptions(strict=False),
     )
-    extra_file = Path(path) / f"extra_rank{_rank()}.pt"
-    if not extra_file.exists():
-        raise FileNotFoundError(
-            f"{extra_file} is missing: the checkpoint was written with another number of ranks"
-        )
-    extra = torch.load(extra_file, weights_only=False)
+    extra = torch.load(Path(path) / f"extra_rank{_rank()}.pt", weights_only=False)
     set_rng_state(extra["rng"])
     return extra["step"]
 

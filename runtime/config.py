@@ -70,7 +70,8 @@ class Args(RunFlags):
     seed: int = field(
         default=0,
         metadata={
-            "help": "random seed; rank r seeds with seed + r so ranks sample different completions"
+            "help": "random seed, 0 to 2**20 - 1; rank r seeds with seed + r * 2**20 (rank 0 "
+            "with seed itself), so no two ranks or seeds share samples"
         },
     )
     frames: int = field(default=None, metadata={"help": "video frames per clip (CPU 4, real 8)"})
@@ -83,6 +84,13 @@ class Args(RunFlags):
     )
     sft_lr: float = field(
         default=None, metadata={"help": "SFT learning rate (CPU 1e-3, real 1e-5)"}
+    )
+    sft_micro_batch: int = field(
+        default=None,
+        metadata={
+            "help": "clips per SFT forward, each rank (CPU 0: the whole batch; real 1); the "
+            "loss is normalised by the global token count, so micro-batches sum to the batch's"
+        },
     )
     # OPPO
     steps: int = field(
@@ -221,7 +229,11 @@ class Args(RunFlags):
         },
     )
     activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute decoder layers in backward to save memory"}
+        default=None,
+        metadata={
+            "help": "recompute decoder layers in backward to save memory (CPU off, real on: "
+            "the 7B update needs it to fit, docs/performance.md)"
+        },
     )
     cache_inputs: bool = field(
         default=None,
@@ -243,7 +255,8 @@ class Args(RunFlags):
             "help": "--resume refuses arguments that differ from <out>/<stage>/args.json; this "
             "accepts them (printed, logged; more steps continue a finished stage). Exempt: out "
             "resume stages profile val_data test_data eval_every eval_limit eval_samples theta "
-            "save_every max_bad_records micro_batch activation_checkpointing cache_inputs"
+            "save_every max_bad_records micro_batch sft_micro_batch activation_checkpointing "
+            "cache_inputs"
         },
     )
     allow_changed_data: bool = field(

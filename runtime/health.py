@@ -43,6 +43,15 @@ def finite_rewards(records, total, parts):
     return torch.where(bad, torch.zeros_like(total), total), problems
 
 
+def note_skipped(metrics, finite, records, stage, step):
+    """A step's metrics with its "nonfinite_rewards" taken out and, when the step was skipped
+    (not `finite`), its "skip_reason" (why_skipped)."""
+    problems = metrics.pop("nonfinite_rewards", [])
+    if not finite:
+        metrics["skip_reason"] = why_skipped(problems, records, stage, step)
+    return metrics
+
+
 def why_skipped(problems, records, stage, step):
     """Why step `step` of `stage` was skipped, from every rank's non-finite reward `problems`, or
     else every rank's clips (`records`): the same text on every rank, printed by rank 0."""

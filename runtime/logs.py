@@ -196,3 +196,11 @@ def finish_step(metrics, seconds, lr, grad_norm, finite):
     if flops.peak():
         metrics["mfu"] = metrics["flops_per_s"] / flops.peak()
     return metrics
+
+
+def progress(metrics):
+    """The progress bar's figures of a step: its loss and, in OPPO, its mean reward."""
+    shown = {"loss": f"{metrics['loss']:.3f}"}
+    if "rewards/total" in metrics:
+        shown["reward"] = f"{metrics['rewards/total']:.2f}"
+    return shown

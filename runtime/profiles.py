@@ -1,7 +1,8 @@
-"""The two profiles of train.py's defaults (runtime/config.py fills a run's unset flags from one).
+"""The cpu and real profiles: the values of train.py's flags left unset (runtime/config.py).
 
-`CPU`: the tiny thinker on the synthetic world (docs/method.md, section 10), about 7.5 minutes
-on 2 CPU cores. `REAL`: a 3B/7B Qwen2.5-Omni thinker with the recipe of docs/method.md, section 6.
+`cpu` runs the tiny thinker on the synthetic world in one process (docs/method.md, section 10);
+`real` runs a 3B/7B Qwen2.5-Omni thinker on 8 GPUs with the recipe of docs/method.md, section 6,
+and the memory settings the 7B run fits with (docs/performance.md).
 """
 
 CPU = dict(
@@ -9,6 +10,7 @@ CPU = dict(
     sft_steps=900,
     sft_batch=16,
     sft_lr=1e-3,
+    sft_micro_batch=0,
     steps=120,
     batch=4,
     lr=1e-4,
@@ -19,12 +21,14 @@ CPU = dict(
     gamma=0.02,
     eta=0.03,
     cache_inputs=True,
+    activation_checkpointing=False,
 )
 REAL = dict(
     frames=8,
     sft_epochs=3,
     sft_batch=64,
     sft_lr=1e-5,
+    sft_micro_batch=1,
     steps=500,
     batch=64,
     lr=1e-6,
@@ -35,4 +39,5 @@ REAL = dict(
     gamma=0.02,
     eta=0.03,
     cache_inputs=False,
+    activation_checkpointing=True,
 )

@@ -42,6 +42,7 @@ EXEMPT = {
     "theta",
     "save_every",
     "micro_batch",
+    "sft_micro_batch",
     "activation_checkpointing",
     "cache_inputs",
     "allow_label_only",
@@ -214,6 +215,10 @@ def resume_changes(args, stages):
             if flag in recorded and recorded[flag] != value:
                 diff[flag] = [recorded[flag], value]
                 refusals.append(f"{stage}: --{flag} {recorded[flag]!r} -> {value!r}")
+        try:
+            checkpoint.check_world(started)
+        except checkpoint.WorldSizeError as err:
+            return {}, f"--resume: {err}"
         total = args.sft_steps if stage == "sft" else args.steps
         at = int(started.name.split("_")[1])
         if at > total:

@@ -51,11 +51,11 @@ from transformers import HfArgumentParser
 
 from synthetic.plan import AROUSAL, HELD_OUT, MIX, SPLITS, VALENCE, plan, plans, split_mix
 from synthetic.render import SR, draw_face, synth_voice, write_mp4
-from thinker import media
+from thinker import media, video
 
 # where `python train.py` builds the default world
 WORLD_DIR = "runs/synth"
-VERSION = 2
+VERSION = 3
 
 
 def make_clip(job):
@@ -74,6 +74,10 @@ def make_clip(job):
         write_mp4(out / rec["video"], images, fps)
         # what a loader would see
         cache["frames"] = media.decode_video(out / rec["video"])
+        # the frames' times too: training on the cache needs no video decoder
+        times = video.times(out / rec["video"])
+        if times is not None:
+            cache["times"] = times
     if clip["audio"]:
         rec["audio"] = f"audio/{cid}.wav"
         wave = synth_voice(

@@ -1,6 +1,11 @@
-"""Shared fixtures: one tiny thinker and small synthetic worlds per test session."""
+"""Shared fixtures: one tiny thinker and small synthetic worlds per test session.
+
+With OPPO_TEST_ASSETS set, `synth_dir` and `tiny_dir` are its synth/ and tiny/, built beforehand
+by scripts/gpu_assets.py for a machine that cannot build them (no PyAV to write the videos).
+"""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,22 +15,30 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
+# the world of `synth_dir` and the seed of `tiny_dir`
+WORLD = dict(n_train=48, n_val=12, n_test=12, seed=0)
+TINY_SEED = 0
+ASSETS = os.environ.get("OPPO_TEST_ASSETS")
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
+    if ASSETS:
+        return Path(ASSETS) / "synth"
     from synthetic import world
 
     out = tmp_path_factory.mktemp("synth")
-    world.make_world(out, n_train=48, n_val=12, n_test=12, seed=0)
+    world.make_world(out, **WORLD)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
+    if ASSETS:
+        return Path(ASSETS) / "tiny"
     from synthetic import tiny
 
-    return tiny.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+    return tiny.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=TINY_SEED)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@
 
 Under FSDP2 every rank must run every unit (thinker.encoders.encode_media); this saves, per batch,
 the full gradient of every parameter, which must equal the 1-process gradient of the same
-global batch.
+global batch (under torchrun each rank's clips go through SFT one at a time: --sft_micro_batch).
 Under torchrun it then runs one OPPO step (plain GRPO, micro-batches of one clip) on such clips.
 """
 
@@ -41,6 +41,8 @@ cases = {
     "rank0_no_audio": (no_audio[:2], both[2:4]),
     "no_video_and_no_audio": (no_video[2:4], no_audio[:2]),
 }
+# under torchrun, micro-batches of one clip: the gradient is still the whole batch's
+sft_args = config.Args(sft_micro_batch=1 if world > 1 else 0)
 grads = {}
 for case, (rank0_clips, rank1_clips) in cases.items():
     interleaved = []
@@ -48,7 +50,7 @@ for case, (rank0_clips, rank1_clips) in cases.items():
         interleaved.extend(pair)
     batch = interleaved[rank::world]
     media = batching.encode(processor, batch, frames=4)
-    metrics = train.sft_step(None, policy, processor, batch, media)
+    metrics = train.sft_step(sft_args, policy, processor, batch, media)
     # as runtime.optim.optimizer_step: the root's parameters are the sharded ones again
     parallel.reshard_after_step(policy)
     full = {}

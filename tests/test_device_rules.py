@@ -1,7 +1,8 @@
 """Device rules that hold on every machine, checked on the CPU: activation checkpointing changes
 memory, never a number; the process group reduces CPU numbers whatever the training device
-(parallel.py: gloo always, nccl beside it with CUDA). scripts/gpu_check.sh runs these on the GPU
-machine too, where the process group really has both backends."""
+(parallel.py: gloo always, nccl beside it with CUDA); a CPU policy shards on a CPU mesh.
+scripts/gpu_check.sh runs these on the GPU machine too, where the process group really has both
+backends and FSDP2's default mesh is the GPU's."""
 
 import json
 import os
@@ -99,3 +100,17 @@ def test_the_process_group_has_a_cpu_backend_on_every_device(monkeypatch, cuda, 
     assert per_device["cpu"] == "gloo", backends
     if cuda:
         assert per_device["cuda"] == "nccl" and device.type == "cuda", (backends, device)
+
+
+def test_a_cpu_policy_shards_on_a_cpu_mesh_where_fsdp_would_pick_the_gpu(
+    group, tiny_dir, monkeypatch
+):
+    """FSDP2's default mesh is the accelerator's: on a CUDA machine shard(policy, "cpu") would
+    move the policy and its inputs to the GPU. parallel.shard gives the training device's mesh;
+    here FSDP2 is told the machine's accelerator is CUDA, which this machine may not have."""
+    monkeypatch.setattr(torch._C, "_get_accelerator", Mock(return_value=torch.device("cuda")))
+    policy = model.load_policy(tiny_dir)[0]
+    parallel.shard(policy, "cpu", bf16=True)
+    params = list(policy.parameters())
+    assert {param.device_mesh.device_type for param in params} == {"cpu"}
+    assert {param.device.type for param in params} == {"cpu"}

@@ -1,6 +1,8 @@
 """masked_rollout.py: the claim reward against a loop, samples drawn from the masked input, the
 switch off running nothing, and one OPPO step with masked rollouts on the tiny thinker."""
 
+from unittest.mock import Mock
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -91,7 +93,7 @@ def test_bad_switches_name_the_flag():
     args = config.Args(masked_rollouts=2, masked_rollout_modalities="audio")
     assert masked_rollout.modalities(args) == ["audio"]
     with pytest.raises(ValueError, match="--data"):
-        masked_rollout.training_inventory("")
+        masked_rollout.manifest_inventory("")
 
 
 # ---------------------------------------------------------------- one OPPO step, tiny thinker
@@ -211,6 +213,22 @@ def test_samples_come_from_the_masked_inputs(world, monkeypatch):
     generates.clear()
     run_step(world, StubMatcher(), masked_rollouts=2, masked_rollout_modalities="audio")
     assert len(generates) == 2
+
+
+def test_the_loaded_training_records_are_not_read_again(world, monkeypatch):
+    """run_stage passes the cues of the records it loaded before the first step: the masked
+    rollouts route against them, and no rank reads and probes the manifest again."""
+    policy, processor, recs, media, manifest = world
+    inventory = masked_rollout.training_inventory(data.load_manifest(manifest))
+    masked_rollout.manifest_inventory.cache_clear()
+    monkeypatch.setattr(data, "load_manifest", Mock(side_effect=AssertionError("read again")))
+    matcher = StubMatcher()
+    torch.manual_seed(0)
+    args = step_args(manifest, masked_rollouts=2)
+    train.oppo_step(args, policy, None, processor, matcher, recs, media, 3, inventory=inventory)
+    policy.zero_grad(set_to_none=True)
+    assert len(matcher.cue_lists) == 2 * 4 and all(c == inventory for c in matcher.cue_lists)
+    assert any(inventory.values())
 
 
 def test_an_oppo_step_with_masked_rollouts_trains_and_logs(world):

@@ -38,10 +38,13 @@ def test_files_decode_with_the_right_shape_rate_and_duration(synth_world):
         assert (info.samplerate, info.channels, info.frames) == (16000, 1, 32000)
     for r in recs:  # the cache is exactly what decoding the files gives
         cache = load_file(str(out / r["cache"]))
-        assert set(cache) == {k for k, m in (("frames", "video"), ("waveform", "audio")) if m in r}
+        kinds = (("frames", "video"), ("times", "video"), ("waveform", "audio"))
+        assert set(cache) == {k for k, m in kinds if m in r}
         if "video" in r:
             assert cache["frames"].dtype == torch.uint8 and cache["frames"].shape == (4, 56, 56, 3)
             assert torch.equal(cache["frames"], media.decode_video(out / r["video"]))
+            # 4 frames over 2 s, as the processor is told
+            assert cache["times"].tolist() == [0.0, 0.5, 1.0, 1.5]
         if "audio" in r:
             wave, rate = sf.read(str(out / r["audio"]), dtype="float32")
             assert cache["waveform"].dtype == torch.float32 and torch.equal(

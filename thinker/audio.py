@@ -1,17 +1,17 @@
 """Audio decoding: a 16 kHz mono float32 waveform, as Qwen2.5-Omni's feature extractor takes it,
-from a sound file (soundfile: wav, flac, ...) or a media file's audio track (FFmpeg)."""
+from a sound file (soundfile: wav, flac, ...) or a media file's audio track (FFmpeg). The decoders
+are imported where they decode: a run on cached waveforms never loads them."""
 
-import av
 import numpy as np
-import soundfile as sf
 import torch
-import torchaudio.functional as AF
 
 SR = 16000
 
 
 def decode_audio(path, sr=SR):
     """(S,) float32 mono waveform at sr, by soundfile (wav, flac, ...) or FFmpeg; None: no audio."""
+    import soundfile as sf
+
     try:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, C)
         wave = torch.from_numpy(wave.mean(1))  # (S,)
@@ -22,6 +22,8 @@ def decode_audio(path, sr=SR):
             return None
         wave, rate = track
     if rate != sr:
+        import torchaudio.functional as AF
+
         wave = AF.resample(wave, rate, sr)
     return wave
 
@@ -29,6 +31,8 @@ def decode_audio(path, sr=SR):
 def decode_audio_track(path):
     """(wave (S,) float32 mono, its sample rate) of a media file's first audio stream by FFmpeg;
     None when it has none or the stream holds no samples."""
+    import av
+
     chunks = []
     with av.open(str(path)) as box:
         if not box.streams.audio:

@@ -5,14 +5,14 @@ item (use_audio_in_video=False); see docs/method.md, section 8. `probe` and `pro
 headers (every load of a manifest; a float sound file is also read, as it can hold NaN);
 `load_clip` and `load_media` decode (every training read; thinker/video.py keeps only the sampled
 frames); `verify` decodes a record as training reads it, every frame, and checks its cache
-against its files (data.py --check).
+against its files (data.py --check). The decoders (PyAV, soundfile, torchaudio) are imported by
+the functions that use them: a run on synthetic caches never loads them.
 """
 
 import math
+import sys
 from typing import NamedTuple
 
-import av
-import soundfile as sf
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -38,15 +38,17 @@ class DataError(ValueError):
     """Bad manifest line or unreadable media; the message names the file and line."""
 
 
-# what decoding a bad media file raises (FFmpeg, soundfile, safetensors, or no frames at all)
-DECODE_ERRORS = (
-    av.error.FFmpegError,
-    OSError,
-    IndexError,
-    RuntimeError,
-    DataError,
-    SafetensorError,
-)
+# what decoding a bad media file raises (soundfile, safetensors, or no frames at all), FFmpeg's
+# errors aside (`decode_errors`)
+DECODE_ERRORS = (OSError, IndexError, RuntimeError, DataError, SafetensorError)
+
+
+def decode_errors():
+    """DECODE_ERRORS, and FFmpeg's once PyAV is loaded: before, nothing can have raised one."""
+    av = sys.modules.get("av")
+    if av is None:
+        return DECODE_ERRORS
+    return (av.error.FFmpegError, *DECODE_ERRORS)
 
 
 class Clip(NamedTuple):
@@ -81,6 +83,10 @@ def probe(path, kind):
     FFmpeg header that does not say). Exact for sound files, FFmpeg's estimate otherwise. A float
     sound file is read whole: DataError when it holds NaN or infinity. A video stream must hold a
     frame (its first packet is read)."""
+    # the decoders load where they are used: a run on synthetic caches never needs them
+    import av
+    import soundfile as sf
+
     if kind == "audio":
         try:
             info = sf.info(str(path))
@@ -131,7 +137,8 @@ def _header_samples(box):
     if stream.duration is not None and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
     elif box.duration is not None:
-        seconds = box.duration / av.time_base
+        # a microsecond count (av.time_base)
+        seconds = box.duration / 1_000_000
     else:
         return None
     return math.ceil(seconds * SR)
@@ -215,7 +222,7 @@ def load_clip(record, frames=FRAMES):
                 clip = clip._replace(audio=decode_audio(path))
         if clip.audio is not None:
             check_audio_length(len(clip.audio), path)
-    except DECODE_ERRORS as err:
+    except decode_errors() as err:
         raise DataError(
             f"{where}: cannot decode {path} {named}: {type(err).__name__}: {err}"
         ) from None
@@ -228,12 +235,12 @@ def load_clip(record, frames=FRAMES):
 
 def load_cache(path, frames, video_path=None):
     """The Clip of a synthetic cache file, which holds every decoded frame (all returned when
-    frames is None) and the waveform; the frames' times are those of the video file it was
-    decoded from (None: no such file, or another frame count)."""
+    frames is None), their times and the waveform; a cache without times takes those of the
+    video file it was decoded from (None: no such file, or another frame count)."""
     cached = load_file(path)
     video = cached.get("frames")  # (T, H, W, 3)
-    times = None
-    if video is not None and video_path:
+    times = cached.get("times")  # (T,)
+    if video is not None and times is None and video_path:
         times = videos.times(video_path)  # (T,)
         if times is not None and len(times) != len(video):
             times = None
@@ -259,7 +266,7 @@ def verify(record):
         try:
             if path:
                 videos.count_frames(path)
-        except DECODE_ERRORS as err:
+        except decode_errors() as err:
             raise DataError(
                 f"{where}: cannot decode {path} {named}: {type(err).__name__}: {err}"
             ) from None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    GenerationConfig,
     Qwen2_5OmniProcessor,
     Qwen2_5OmniThinkerConfig,
     Qwen2_5OmniThinkerForConditionalGeneration,
@@ -97,8 +98,12 @@ def _check_dir(path):
     return config
 
 
-def load_policy(path, dtype=torch.float32):
-    """(thinker, processor) from a local full Qwen2.5-Omni or thinker-only directory, offline."""
+def load_policy(path, dtype=torch.float32, meta=False):
+    """(thinker, processor) from a local full Qwen2.5-Omni or thinker-only directory, offline.
+
+    meta=True builds the thinker on the meta device without reading its weights, in eval mode
+    as from_pretrained gives it, for runtime.parallel.load to shard and fill.
+    """
     path = Path(path)
     config = _check_dir(path)
     try:
@@ -109,6 +114,8 @@ def load_policy(path, dtype=torch.float32):
         if config["model_type"] == "qwen2_5_omni":
             thinker_dict = config["thinker_config"]
         thinker_config = Qwen2_5OmniThinkerConfig.from_dict(thinker_dict)
+        if meta:
+            return empty_thinker(path, thinker_config, dtype), load_processor(path)
         thinker, info = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
             path,
             config=thinker_config,
@@ -128,10 +135,23 @@ def load_policy(path, dtype=torch.float32):
             f"model directory {path}: the weights lack {len(absent)} thinker tensors, "
             f"e.g. {absent[:3]}"
         )
+    return thinker, load_processor(path)
+
+
+def load_processor(path):
     try:
-        processor = Qwen2_5OmniProcessor.from_pretrained(path, local_files_only=True)
+        return Qwen2_5OmniProcessor.from_pretrained(path, local_files_only=True)
     except Exception as err:
         raise ModelDirError(
             f"model directory {path}: cannot load the processor ({type(err).__name__}: {err})"
         ) from err
-    return thinker, processor
+
+
+def empty_thinker(path, thinker_config, dtype):
+    """The thinker of `thinker_config` on the meta device, with the directory's generation
+    config when it has one (as from_pretrained reads it)."""
+    with torch.device("meta"):
+        thinker = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config).to(dtype)
+    if (path / "generation_config.json").is_file():
+        thinker.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return thinker.eval()

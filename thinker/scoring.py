@@ -143,7 +143,8 @@ def audio_features(model, features):
 
     This is what the thinker's forward does with `input_features`, minus the tower: a clip's
     audio is encoded once and shared by its G rows. `features` holds one (tokens_k, D) tensor per
-    row with audio, in row order (None: a no-op). Decode steps of generate carry no audio token.
+    row with audio, in row order (None: a no-op). Decode steps of generate carry no audio token
+    and are not searched for one (no GPU sync per token).
     """
     if features is None:
         yield
@@ -151,11 +152,14 @@ def audio_features(model, features):
     source = torch.cat(features)  # (audio tokens of all rows, D)
 
     def write(module, args, out):
-        where = args[0] == model.config.audio_token_id  # (n, S)
-        if not where.any():
+        # a decode step (one position after the cached prompt) holds no audio token, as media
+        # tokens are never sampled: no count, which would wait for the GPU at every token
+        if args[0].shape[1] == 1:
             return out
-        if int(where.sum()) != len(source):
-            raise ValueError(f"{int(where.sum())} audio positions but {len(source)} audio features")
+        where = args[0] == model.config.audio_token_id  # (n, S)
+        count = int(where.sum())
+        if count != len(source):
+            raise ValueError(f"{count} audio positions but {len(source)} audio features")
         return out.masked_scatter(where.unsqueeze(-1), source.to(out.dtype))
 
     handle = model.get_input_embeddings().register_forward_hook(write)

@@ -13,7 +13,6 @@ import math
 from bisect import bisect_right
 from typing import NamedTuple
 
-import av
 import numpy as np
 import torch
 
@@ -38,6 +37,8 @@ def sample_indices(n, frames):
 def decode(path, frames=None, max_pixels=MAX_PIXELS):
     """Frames of a video file's first video stream: all of them, or `frames` uniformly sampled
     (sample_indices), with their times; IndexError when it has no frame."""
+    import av
+
     with av.open(str(path)) as box:
         stream = box.streams.video[0]
         time_base = stream.time_base
@@ -57,6 +58,8 @@ def decode(path, frames=None, max_pixels=MAX_PIXELS):
 def times(path):
     """(n,) float64: the second each frame of a video file is shown, by its packets alone; None
     when they carry no timestamps."""
+    import av
+
     with av.open(str(path)) as box:
         stream = box.streams.video[0]
         indexed = _index(box, stream)
@@ -68,6 +71,8 @@ def times(path):
 
 def count_frames(path):
     """Decode every frame of a video file, keeping none; how many there are."""
+    import av
+
     n = 0
     with av.open(str(path)) as box:
         for _ in box.decode(box.streams.video[0]):
@@ -96,6 +101,8 @@ def _decode_at(path, wanted, shown, keys, max_pixels):
     """{pts: (RGB frame, pts it was shown at)} for each pts in `wanted`: decoding forward, and
     seeking to the last keyframe at or before the next wanted frame when that skips frames. A
     wanted frame the decoder never gives is taken from the next one it gives."""
+    import av
+
     pending = sorted(set(wanted))
     # each frame's place in presentation order
     place = {pts: i for i, pts in enumerate(shown)}
@@ -129,6 +136,8 @@ def _next_at_or_after(frames, target, path):
 def _decode_counted(path, frames, max_pixels):
     """`decode` for a file whose packets have no timestamps: one pass counts the frames, the next
     keeps the sampled ones; their times are each frame's own when the decoder gives them."""
+    import av
+
     n = count_frames(path)
     if not n:
         raise IndexError(f"video file {path} has no frames")

@@ -43,6 +43,10 @@ class Args:
             "completions hold evidence) instead of the random tiny thinker in --out"
         },
     )
+    embedder: str = field(
+        default="",
+        metadata={"help": "sentence-embedding model directory; empty: all-MiniLM-L6-v2"},
+    )
     B: int = field(default=4, metadata={"help": "clips per step"})
     G: int = field(default=8, metadata={"help": "completions per clip"})
     beta: float = field(default=0.04, metadata={"help": "KL weight"})

@@ -107,7 +107,8 @@ def setup(args):
     optimizer = torch.optim.SGD if args.config else torch.optim.AdamW
     optim = optimizer(policy.parameters(), lr=train_args.lr)
     counts = defaultdict(Counter)
-    ctx = Bench(args, train_args, policy, ref, processor, records, optim, Matcher(), counts)
+    matcher = Matcher(args.embedder or None)
+    ctx = Bench(args, train_args, policy, ref, processor, records, optim, matcher, counts)
     count_hooks(counts, policy=policy, ref=ref)
     ctx.batch, ctx.media = batch_for(ctx, args.frames)
     return ctx

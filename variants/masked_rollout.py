@@ -52,13 +52,19 @@ def modalities(args):
     return names
 
 
+def training_inventory(records):
+    """Every visual and every acoustic cue of the training records (train.run_stage passes the
+    ones it loaded before the first step)."""
+    return perception.cue_inventory([record.get("cues") or {} for record in records])
+
+
 @functools.cache
-def training_inventory(manifest):
-    """Every visual and every acoustic cue of the training manifest, once per run and path."""
+def manifest_inventory(manifest):
+    """training_inventory of the manifest --data, read on rank 0 once per path: for a caller
+    that holds no loaded records (tools/bench.py)."""
     if not manifest:
         raise ValueError("--masked_rollouts routes claims against the cues of --data: it is empty")
-    records = parallel.from_rank0(data.load_manifest, manifest)
-    return perception.cue_inventory([record.get("cues") or {} for record in records])
+    return training_inventory(parallel.from_rank0(data.load_manifest, manifest))
 
 
 # Eq. (9), then the reward r_i
@@ -119,15 +125,17 @@ def backpropagate(args, policy, roll, adv):
     return total
 
 
-def run(args, policy, processor, matcher, recs, media, step):
+def run(args, policy, processor, matcher, recs, media, step, inventory=None):
     """The masked rollouts of one step on this rank's B clips: sample, reward, back-propagate.
 
-    media is the B clips' processed batch of the main rollout. Returns the metrics: "loss" and
+    media is the B clips' processed batch of the main rollout; inventory the training records'
+    cues (`training_inventory`; None: read from --data). Returns the metrics: "loss" and
     "flops", to add to the step's, and per masked modality m the mean claim share, format, rows
     sampled, share of rows with a non-zero advantage, and seconds.
     """
     masked_modalities = modalities(args)
-    inventory = training_inventory(args.data)
+    if inventory is None:
+        inventory = manifest_inventory(args.data)
     Gm = args.masked_rollouts
     metrics = {"loss": 0.0, "flops": 0.0}
     for modality in masked_modalities:
