@@ -12,7 +12,10 @@ import json
 import os
 import re
 import tempfile
+from argparse import RawDescriptionHelpFormatter
 from pathlib import Path
+
+from transformers import HfArgumentParser
 
 from corpora.decompose import CUE_KINDS
 
@@ -145,3 +148,13 @@ class Splits:
         if self.missing:
             shown = self.missing[:SHOWN]
             print(f"{len(self.missing)} clips not found, left out:", *shown, sep="\n  ")
+
+
+def command_line(args_class, convert_corpus, doc, argv=None):
+    """A converter's command line: its Args parsed (its module docstring as --help), then its
+    corpus converted."""
+    parser = HfArgumentParser(
+        args_class, description=doc, formatter_class=RawDescriptionHelpFormatter
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    convert_corpus(args)

@@ -9,11 +9,8 @@ label 1 happy, 2 sad, 3 neutral, 4 angry, 5 surprise, 6 disgust, 7 fear. The fac
 folders (`Clip/clip_224x224`) have no audio and are not used.
 """
 
-from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from corpora import convert, labels
 
@@ -70,11 +67,7 @@ def convert_corpus(args):
 
 
 def main(argv=None):
-    parser = HfArgumentParser(
-        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    convert_corpus(args)
+    convert.command_line(Args, convert_corpus, __doc__, argv)
 
 
 if __name__ == "__main__":

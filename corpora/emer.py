@@ -22,11 +22,8 @@ first closed one that holds every label.
 """
 
 import ast
-from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from corpora import convert, labels, mer
 from corpora.decompose import decompose_cues
@@ -148,11 +145,7 @@ def convert_corpus(args):
 
 
 def main(argv=None):
-    parser = HfArgumentParser(
-        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    convert_corpus(args)
+    convert.command_line(Args, convert_corpus, __doc__, argv)
 
 
 if __name__ == "__main__":

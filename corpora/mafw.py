@@ -12,11 +12,8 @@ neutral, sadness, surprise, contempt, anxiety, helplessness, disappointment; fea
 are separate classes.
 """
 
-from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from corpora import convert, labels
 
@@ -88,11 +85,7 @@ def convert_corpus(args):
 
 
 def main(argv=None):
-    parser = HfArgumentParser(
-        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    convert_corpus(args)
+    convert.command_line(Args, convert_corpus, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,8 @@ worried, as MER's annotation does.
 """
 
 import zlib
-from argparse import RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import HfArgumentParser
 
 from corpora import convert, labels
 
@@ -116,11 +113,7 @@ def convert_corpus(args):
 
 
 def main(argv=None):
-    parser = HfArgumentParser(
-        Args, description=__doc__, formatter_class=RawDescriptionHelpFormatter
-    )
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    convert_corpus(args)
+    convert.command_line(Args, convert_corpus, __doc__, argv)
 
 
 if __name__ == "__main__":
