@@ -57,9 +57,11 @@ def test_study_pipeline_toy(tiny_dir, synth_dir, tmp_path):
         assert all(v is None or 0 <= v <= 1 for v in runs["0"].values())
     assert set(study_table.COLUMNS) <= set(result["SFT"])
     table = (out / "table.md").read_text()
-    # SFT and each arm, then the header of the paired table and each arm but GRPO
+    # SFT and each arm; the header of the paired table and each arm but GRPO; the header of
+    # the held-out table, SFT and each arm
     arms = len(result["arms"])
-    assert table.count("\n| ") == (1 + arms) + (1 + arms - 1)
+    assert table.count("\n| ") == (1 + arms) + (1 + arms - 1) + (2 + arms)
+    assert "F_absent_visual@no_face" in result["arms"]["OPPO"]["0"]
     assert "| OPPO |" in table and "Paired difference to GRPO" in table
     assert (out / "study.png").stat().st_size > 1000
     # the variants really differ in their switches: GRPO logs no perception loss, OPPO does

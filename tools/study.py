@@ -127,16 +127,27 @@ def main(argv=None):
         list(pool.map(run, cmds, logs, [1] * len(todo)))
 
     sft_report = json.loads((out / "sft" / "test_report.json").read_text())
-    study = {"SFT": report.summary(sft_report), "arms": {}}
+    study = {"SFT": headline(sft_report), "arms": {}}
     for variant, seed, run_dir, _ in runs:
         test_report = json.loads((run_dir / "test_report.json").read_text())
-        study["arms"].setdefault(variant, {})[seed] = report.summary(test_report)
+        study["arms"].setdefault(variant, {})[seed] = headline(test_report)
     study["settings"] = {"seeds": seeds, "steps": args.steps, "train_args": args.train_args}
     table = study_table.markdown(study, time.time() - t0)
     (out / "study.json").write_text(json.dumps(study, indent=1))
     (out / "table.md").write_text(table)
     study_table.plot(study, out / "study.png")
     print(table)
+
+
+def headline(test_report):
+    """A run's headline metrics (metrics/report.py's summary), and the absence faithfulness of
+    each scenario held out of the training split, as "<metric>@<scenario>"."""
+    metrics = report.summary(test_report)
+    for scenario, keys in study_table.HELD_OUT.items():
+        scores = test_report.get("per_scenario", {}).get(scenario, {}).get("metrics", {})
+        for key in keys:
+            metrics[f"{key}@{scenario}"] = scores.get(key)
+    return metrics
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ COLUMNS = {
     "F_absent_visual": "F_abs^v",
     "F_absent_acoustic": "F_abs^a",
 }
+# the scenarios the training split never shows, and the faithfulness they test
+HELD_OUT = {"no_face": ("F_absent_visual",), "noise_audio": ("F_absent_acoustic",)}
 # the arm every other is compared with, seed by seed
 BASELINE = "GRPO"
 
@@ -76,6 +78,8 @@ def markdown(study, seconds):
                 mean, low, high, _ = paired(runs, study["arms"][BASELINE], column)
                 cells.append("-" if mean is None else f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "Absence faithfulness on the kinds of absence held out of training:", ""]
+    lines += held_out_table(study, seeds)
     # runs finished by an earlier invocation are reused, not timed again
     lines.append("")
     lines.append(f"wall time of this invocation {seconds / 60:.1f} min")
@@ -105,3 +109,15 @@ def plot(study, path):
     ax.set(ylim=(0, 1.05), title="synthetic test split: recognition, utilization U, faithfulness F")
     ax.legend(fontsize="small", ncol=len(rows))
     ax.figure.savefig(path, bbox_inches="tight", dpi=120)
+
+
+def held_out_table(study, seeds):
+    """F_absent on each held-out scenario: one line per run, "mean ± std" per scenario."""
+    columns = [f"{key}@{scenario}" for scenario, keys in HELD_OUT.items() for key in keys]
+    lines = ["| run | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    sft = [cell(study["SFT"].get(c), 0.0, 1, 1) for c in columns]
+    lines.append("| SFT | " + " | ".join(sft) + " |")
+    for arm, runs in study["arms"].items():
+        cells = [cell(*spread(m.get(c) for m in runs.values()), seeds) for c in columns]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
