@@ -107,7 +107,8 @@ def plot(study, path):
         )
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(COLUMNS))], list(COLUMNS.values()))
     ax.set(ylim=(0, 1.05), title="synthetic test split: recognition, utilization U, faithfulness F")
-    ax.legend(fontsize="small", ncol=len(rows))
+    # below the axes: above them it hides the bars near 1
+    ax.legend(fontsize="small", ncol=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.figure.savefig(path, bbox_inches="tight", dpi=120)
 
 
