@@ -52,9 +52,9 @@ class Log:
             path.parent.mkdir(parents=True, exist_ok=True)
             trim_log(path, start)
             self.file = open(path, "a")
-            samples = path.with_name("samples.jsonl")
-            trim_log(samples, start)
-            self.samples = open(samples, "a")
+            # opened at its first sample: a stage or a log without samples leaves no empty file
+            self.samples_path = path.with_name("samples.jsonl")
+            trim_log(self.samples_path, start)
         if master and tensorboard:
             # loaded only when asked for: TensorBoard is an optional view of the same numbers
             from torch.utils.tensorboard import SummaryWriter
@@ -68,9 +68,13 @@ class Log:
         if self.file is None:
             return
         record = dict(record)
-        for sample in record.pop("samples", []):
+        samples = record.pop("samples", [])
+        if samples and self.samples is None:
+            self.samples = open(self.samples_path, "a")
+        for sample in samples:
             self.samples.write(json.dumps({"step": record.get("step"), **sample}) + "\n")
-        self.samples.flush()
+        if samples:
+            self.samples.flush()
         if self.board is not None:
             self.scalars(record)
         strict = {}
@@ -97,6 +101,7 @@ class Log:
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.samples is not None:
             self.samples.close()
         if self.board is not None:
             self.board.close()
