@@ -261,6 +261,9 @@ def fsdp_worker(out, b, g, tokens):
         )
 
     def gen(unshard):
+        # the same samples every round: a sampled stop string would end a round early, with
+        # fewer forwards and gathers than the next
+        torch.manual_seed(dist.get_rank())
         with parallel.unsharded(policy) if unshard else torch.no_grad():
             rollout.generate(policy, processor, inputs, max_new_tokens=tokens)
 
