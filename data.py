@@ -242,7 +242,8 @@ def summarise(path, on_error, audio_window, space):
 def label_space(path, manifest):
     """The label space of --labels `path`, else of labels.json beside `manifest`, else the
     built-in one; DataError naming the file when it is not a label space."""
-    path = path or labels.find(manifest)
+    if not path and manifest:
+        path = labels.find(manifest)
     if not path:
         return labels.BUILTIN
     try:

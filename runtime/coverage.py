@@ -10,29 +10,26 @@ are read in, and the records that lack a reasoning or cues.
   a manifest where only some records lack them is printed, not refused.
 """
 
+import data
 from corpora import labels
 from data import DataError, coverage
 from runtime import rundir
 
 
 def label_space(args):
-    """The run's LabelSpace; SystemExit naming --labels when its file is not one."""
-    path = args.labels
-    found = ""
-    if not path and args.data:
-        found = labels.find(args.data) or ""
-        path = str(found)
-    if not path:
-        print("train.py: label space: built-in (six synthetic labels; no --labels)")
-        return labels.BUILTIN
+    """The run's LabelSpace (data.label_space); SystemExit naming --labels when its file is not
+    one."""
     try:
-        space = labels.load(path)
-    except (ValueError, DataError) as err:
+        space = data.label_space(args.labels, args.data)
+    except DataError as err:
         rundir.refuse(f"--labels: {err}")
-    args.labels = path
-    where = ", beside --data" if found else ""
+    if space is labels.BUILTIN:
+        print("train.py: label space: built-in (six synthetic labels; no --labels)")
+        return space
+    where = "" if args.labels else ", beside --data"
+    args.labels = space.source
     classes = len(space.classes) or "open"
-    print(f"train.py: label space: {space.name} ({classes} classes) from {path}{where}")
+    print(f"train.py: label space: {space.name} ({classes} classes) from {space.source}{where}")
     return space
 
 
